@@ -1,0 +1,67 @@
+"""What a skill receives besides its input: :class:`Context`."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from asap.models.envelope import Envelope
+from asap.models.ids import generate_id
+from asap.models.payloads import TaskRequest
+
+__all__ = ["Context"]
+
+
+@dataclass
+class Context:
+    """The running task as a skill sees it.
+
+    ``client`` is the agent's shared :class:`~asap.transport.pool.ClientPool` (one connection
+    pool for every outgoing call); ``deadline`` is a ``time.monotonic()`` value or None.
+    """
+
+    task_id: str
+    conversation_id: str
+    trace_id: str | None
+    skill_id: str
+    envelope: Envelope
+    agent_id: str
+    logger: Any
+    client: Any
+    deadline: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def time_left(self) -> float | None:
+        """Seconds until the deadline (never negative), or None when there is none."""
+        if self.deadline is None:
+            return None
+        return max(0.0, self.deadline - time.monotonic())
+
+    def task_request(
+        self,
+        recipient: str,
+        skill_id: str,
+        input: dict[str, Any],
+        **payload: Any,
+    ) -> Envelope:
+        """Build a sub-request that shares this task's conversation and trace.
+
+        The sub-task names this task as its parent, so a trace can be followed across agents.
+        """
+        request = TaskRequest(
+            conversation_id=self.conversation_id,
+            parent_task_id=self.task_id,
+            skill_id=skill_id,
+            input=input,
+            **payload,
+        )
+        return Envelope(
+            id=generate_id(),
+            asap_version=self.envelope.asap_version,
+            sender=self.agent_id,
+            recipient=recipient,
+            payload_type="task.request",
+            payload=request,
+            trace_id=self.trace_id,
+        )

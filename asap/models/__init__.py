@@ -1,0 +1,1 @@
+"""Protocol models (spec 1, 2): envelope, payloads, entities, ids and enums."""

@@ -1,0 +1,52 @@
+"""Base model shared by every protocol model (spec 1.1).
+
+Protocol models are frozen, reject unknown keys, and serialize every field (nulls included),
+exactly as the reference does. Timestamps are written in UTC with a ``Z`` suffix.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, PlainSerializer
+
+__all__ = ["ASAPBaseModel", "UTCDateTime", "format_timestamp", "utc_now"]
+
+
+def utc_now() -> datetime:
+    """Return the current time as an aware UTC datetime."""
+    return datetime.now(UTC)
+
+
+def format_timestamp(value: datetime) -> str:
+    """Format a datetime the way the reference does (spec 1.2).
+
+    UTC values get ``Z`` and microseconds, with the fraction dropped when it is zero; naive values
+    count as UTC; any other offset is written as given.
+    """
+    offset = value.utcoffset()
+    if offset is None or offset.total_seconds() == 0:
+        text = value.replace(tzinfo=None).isoformat()
+        return text + "Z"
+    return value.isoformat()
+
+
+UTCDateTime = Annotated[datetime, PlainSerializer(format_timestamp, return_type=str)]
+"""A datetime that serializes as spec 1.2 prescribes."""
+
+
+class ASAPBaseModel(BaseModel):
+    """Frozen, strict-keys base of every protocol model (spec 1.1)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        populate_by_name=True,
+        validate_default=True,
+        use_enum_values=False,
+    )
+
+    def to_wire(self) -> dict[str, Any]:
+        """Return the JSON-ready dict this model puts on the wire (every field, nulls included)."""
+        return self.model_dump(mode="json", by_alias=True)

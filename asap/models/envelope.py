@@ -1,0 +1,102 @@
+"""The envelope that carries every ASAP message (spec 1.2)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
+
+from asap.models.base import ASAPBaseModel, UTCDateTime, utc_now
+from asap.models.ids import generate_id
+from asap.models.payloads import (
+    CORRELATED_PAYLOAD_TYPES,
+    PAYLOAD_MODELS,
+    normalize_payload_type,
+)
+
+__all__ = ["AGENT_URN_MAX_LENGTH", "Envelope", "validate_agent_urn"]
+
+AGENT_URN_PATTERN = re.compile(r"^urn:asap:agent:[a-z0-9-]+(?::[a-z0-9-]+)?$")
+AGENT_URN_MAX_LENGTH = 256
+
+
+def validate_agent_urn(value: str) -> str:
+    """Check an agent URN against spec 1.3 and return it; raise ``ValueError`` otherwise."""
+    if len(value) > AGENT_URN_MAX_LENGTH:
+        raise ValueError(
+            f"Agent URN must be at most {AGENT_URN_MAX_LENGTH} characters, got {len(value)}"
+        )
+    if not AGENT_URN_PATTERN.match(value):
+        raise ValueError(f"Agent ID must follow URN format 'urn:asap:agent:{{name}}', got: {value}")
+    return value
+
+
+class Envelope(ASAPBaseModel):
+    """One ASAP message: routing, correlation and a payload typed by ``payload_type``.
+
+    ``id`` and ``timestamp`` are filled in when absent or null. A known payload type (spec 1.4)
+    makes ``payload`` the matching model from :mod:`asap.models.payloads`; an unknown one keeps
+    it a plain dict. Response-like payloads need a ``correlation_id`` (spec 1.2).
+    """
+
+    id: str = Field(default_factory=generate_id)
+    asap_version: str
+    timestamp: UTCDateTime = Field(default_factory=utc_now)
+    sender: str
+    recipient: str
+    payload_type: str
+    payload: Any
+    correlation_id: str | None = None
+    trace_id: str | None = None
+    requires_ack: bool = False
+    extensions: dict[str, Any] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_defaults_and_type_payload(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        if data.get("id") is None or data.get("timestamp") is None:
+            data = {k: v for k, v in data.items() if v is not None or k not in ("id", "timestamp")}
+        payload_type = data.get("payload_type")
+        payload = data.get("payload")
+        if isinstance(payload_type, str) and isinstance(payload, dict):
+            model = PAYLOAD_MODELS.get(normalize_payload_type(payload_type))
+            if model is not None:
+                # A payload error propagates with its own locations, as in the reference
+                # (spec 3.5: no ``payload`` prefix in ``loc``).
+                data = {**data, "payload": model.model_validate(payload)}
+        return data
+
+    @field_validator("sender", "recipient")
+    @classmethod
+    def _agent_urn(cls, value: str) -> str:
+        return validate_agent_urn(value)
+
+    @field_validator("payload")
+    @classmethod
+    def _payload_is_object(cls, value: Any) -> Any:
+        if isinstance(value, dict | ASAPBaseModel):
+            return value
+        raise ValueError("payload must be a JSON object")
+
+    @model_validator(mode="after")
+    def _correlation_rule(self) -> Envelope:
+        if self.payload_key in CORRELATED_PAYLOAD_TYPES and not self.correlation_id:
+            raise ValueError(
+                f"{self.payload_type} must have correlation_id for request tracking"
+            )
+        return self
+
+    @property
+    def payload_key(self) -> str:
+        """The normalized payload type (spec 1.4), used for matching and dispatch."""
+        return normalize_payload_type(self.payload_type)
+
+    @property
+    def payload_dict(self) -> dict[str, Any]:
+        """The payload as a plain JSON-ready dict, whether it is typed or not."""
+        if isinstance(self.payload, ASAPBaseModel):
+            return self.payload.to_wire()
+        return dict(self.payload)

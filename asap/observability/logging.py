@@ -1,0 +1,144 @@
+"""Structured logging: structlog configured once, contexts bound with contextvars (spec 6.1).
+
+Console output by default, one JSON object per line with ``ASAP_LOG_FORMAT=json``. Standard
+library loggers (uvicorn's included) are routed through the same renderer, so a deployment gets
+one log format. Values of sensitive keys (``authorization``, ``token``, ``secret``, ...) are
+redacted before rendering.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Mapping, MutableMapping
+from typing import Any
+
+import orjson
+import structlog
+
+__all__ = [
+    "bind_context",
+    "clear_context",
+    "configure_logging",
+    "get_logger",
+    "sanitize_for_logging",
+]
+
+SENSITIVE_KEY_PARTS = ("password", "token", "secret", "authorization", "credential", "api_key")
+_REDACTED = "***"
+_configured: tuple[str, str] | None = None
+
+
+def sanitize_for_logging(value: Any) -> Any:
+    """Return ``value`` with the values of sensitive keys replaced by ``***``, recursively."""
+    if isinstance(value, Mapping):
+        return {
+            key: _REDACTED
+            if isinstance(key, str) and any(part in key.lower() for part in SENSITIVE_KEY_PARTS)
+            else sanitize_for_logging(item)
+            for key, item in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [sanitize_for_logging(item) for item in value]
+    return value
+
+
+def _redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    for key in list(event_dict):
+        if any(part in key.lower() for part in SENSITIVE_KEY_PARTS):
+            event_dict[key] = _REDACTED
+        elif isinstance(event_dict[key], Mapping):
+            event_dict[key] = sanitize_for_logging(event_dict[key])
+    return event_dict
+
+
+def _json_renderer(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> str:
+    return orjson.dumps(event_dict, default=str).decode()
+
+
+def configure_logging(
+    log_format: str | None = None,
+    level: str | None = None,
+    service_name: str | None = None,
+    *,
+    force: bool = False,
+) -> None:
+    """Configure structlog and the standard library once (idempotent unless ``force``).
+
+    Arguments default to ``ASAP_LOG_FORMAT`` (``console`` or ``json``), ``ASAP_LOG_LEVEL``
+    (``INFO``) and ``ASAP_SERVICE_NAME`` (``asap``).
+    """
+    global _configured
+    log_format = (log_format or os.environ.get("ASAP_LOG_FORMAT") or "console").lower()
+    level = (level or os.environ.get("ASAP_LOG_LEVEL") or "INFO").upper()
+    service = service_name or os.environ.get("ASAP_SERVICE_NAME") or "asap"
+    if _configured == (log_format, level) and not force:
+        return
+    if log_format not in ("console", "json"):
+        raise ValueError(f"ASAP_LOG_FORMAT must be 'console' or 'json', got {log_format!r}")
+    numeric_level = logging.getLevelName(level)
+    if not isinstance(numeric_level, int):
+        raise ValueError(f"ASAP_LOG_LEVEL is not a log level: {level!r}")
+
+    def add_service(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> Any:
+        event_dict.setdefault("service", service)
+        return event_dict
+
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        add_service,
+        _redact,
+    ]
+    renderer: Any
+    if log_format == "json":
+        renderer = _json_renderer
+        shared.append(structlog.processors.format_exc_info)
+    else:
+        renderer = structlog.dev.ConsoleRenderer(colors=False)
+
+    structlog.configure(
+        processors=[*shared, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stdout),
+        cache_logger_on_first_use=True,
+    )
+
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(numeric_level)
+    # uvicorn installs its own handlers before importing the app; send its records to ours.
+    # httpx logs every request at INFO; our client logs its own events.
+    logging.getLogger("httpx").setLevel(max(numeric_level, logging.WARNING))
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        uvicorn_logger = logging.getLogger(name)
+        uvicorn_logger.handlers = []
+        uvicorn_logger.propagate = True
+    _configured = (log_format, level)
+
+
+def get_logger(name: str | None = None, **initial: Any) -> Any:
+    """Return a structlog logger, configuring logging on first use."""
+    if _configured is None:
+        configure_logging()
+    logger = structlog.get_logger(name)
+    return logger.bind(**initial) if initial else logger
+
+
+def bind_context(**values: Any) -> None:
+    """Bind values (``trace_id``, ``correlation_id``, ...) to every log line of this context."""
+    structlog.contextvars.bind_contextvars(**values)
+
+
+def clear_context() -> None:
+    """Remove every value bound with :func:`bind_context` in this context."""
+    structlog.contextvars.clear_contextvars()

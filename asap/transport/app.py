@@ -1,0 +1,295 @@
+"""The Starlette app of an ASAP agent: :func:`create_app` (spec 3.1).
+
+Routes: ``POST /asap`` (JSON-RPC, single or batch), ``POST /asap/stream`` (SSE),
+``GET /.well-known/asap/manifest.json`` (ETag, 304), ``GET /.well-known/asap/health``,
+``GET /health`` and ``GET /ready``. Every response carries ``asap-version`` (spec 3.9).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from asap.errors import ASAPError, HTTPError, VersionIncompatibleError
+from asap.models.entities import Capability, Endpoint, Manifest
+from asap.observability.logging import configure_logging, get_logger
+from asap.registry import SkillRegistry
+from asap.settings import Settings
+from asap.transport import codec
+from asap.transport.dispatch import Dispatcher, RequestMeta
+from asap.transport.jsonrpc import error_reply, request_id_of
+from asap.transport.pool import ClientPool
+
+__all__ = ["SUPPORTED_TRANSPORT_VERSIONS", "DEFAULT_TRANSPORT_VERSION", "create_app"]
+
+SUPPORTED_TRANSPORT_VERSIONS = ("2.1", "2.2")
+DEFAULT_TRANSPORT_VERSION = "2.2"
+_NEGOTIATED_PATHS = frozenset({"/asap", "/asap/stream"})
+_log = get_logger("asap.server")
+
+
+def negotiate_version(header: str | None) -> str | None:
+    """First token of ``ASAP-Version`` we support, in the caller's order (spec 3.9).
+
+    An absent or blank header means the default; None means nothing offered is supported.
+    """
+    if header is None or not header.strip():
+        return DEFAULT_TRANSPORT_VERSION
+    for token in header.split(","):
+        if token.strip() in SUPPORTED_TRANSPORT_VERSIONS:
+            return token.strip()
+    return None
+
+
+class VersionMiddleware:
+    """Negotiate ``ASAP-Version`` on the POST endpoints and stamp it on every response.
+
+    Runs first (spec 3.3 step 1): an unsupported version is answered before the body is read.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        version: str | None = DEFAULT_TRANSPORT_VERSION
+        if scope["path"] in _NEGOTIATED_PATHS and scope["method"] == "POST":
+            requested = None
+            for name, value in scope["headers"]:
+                if name == b"asap-version":
+                    requested = value.decode("latin-1")
+                    break
+            version = negotiate_version(requested)
+            if version is None:
+                _log.info("asap.version.incompatible", requested=requested)
+                reply = error_reply(
+                    VersionIncompatibleError(
+                        {"requested": requested, "supported": list(SUPPORTED_TRANSPORT_VERSIONS)}
+                    ),
+                    None,
+                )
+                response = _json(reply, headers={"asap-version": DEFAULT_TRANSPORT_VERSION})
+                await response(scope, receive, send)
+                return
+        header = (b"asap-version", version.encode())
+
+        async def send_with_version(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), header]
+            await send(message)
+
+        await self.app(scope, receive, send_with_version)
+
+
+def _json(data: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(codec.dumps(data), status_code, headers, media_type="application/json")
+
+
+def _detail(status_code: int, detail: str, headers: dict[str, str] | None = None) -> Response:
+    return _json({"detail": detail}, status_code, headers)
+
+
+def build_manifest(settings: Settings, registry: SkillRegistry, base_url: str) -> Manifest:
+    """The manifest this agent serves when reached at ``base_url``."""
+    return Manifest(
+        id=settings.agent_id,
+        name=settings.agent_name,
+        version=settings.agent_version,
+        description=settings.agent_description,
+        capabilities=Capability(skills=registry.manifest_skills(), streaming=True),
+        endpoints=Endpoint(asap=base_url.rstrip("/") + "/asap"),
+    )
+
+
+class _ManifestCache:
+    """Serialized manifest and its ETag per public base URL (bounded)."""
+
+    def __init__(self, settings: Settings, registry: SkillRegistry) -> None:
+        self.settings = settings
+        self.registry = registry
+        self._entries: dict[str, tuple[bytes, str]] = {}
+
+    def get(self, base_url: str) -> tuple[bytes, str]:
+        base = self.settings.public_url or base_url
+        entry = self._entries.get(base)
+        if entry is None:
+            data = build_manifest(self.settings, self.registry, base).to_wire()
+            # spec 3.14: sha256 of the JSON with sorted keys and default separators
+            etag = '"' + hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest() + '"'
+            entry = (codec.dumps(data), etag)
+            if len(self._entries) >= 64:
+                self._entries.clear()
+            self._entries[base] = entry
+        return entry
+
+
+def _etag_matches(header: str | None, etag: str) -> bool:
+    if not header:
+        return False
+    for token in header.split(","):
+        token = token.strip()
+        if token == "*" or token.removeprefix("W/") == etag:
+            return True
+    return False
+
+
+def create_app(
+    settings: Settings | None = None,
+    registry: SkillRegistry | None = None,
+    **overrides: Any,
+) -> Starlette:
+    """Build an agent app.
+
+    ``settings`` defaults to :meth:`Settings.from_env`; keyword ``overrides`` use the same
+    names (``agent_id=...``). ``registry`` defaults to the skills of ``settings.skills``.
+    """
+    settings = (settings or Settings.from_env()).with_overrides(**overrides)
+    configure_logging(settings.log_format, settings.log_level, settings.service_name)
+    if registry is None:
+        registry = SkillRegistry()
+        for module in settings.skills:
+            registry.load(module)
+    manifests = _ManifestCache(settings, registry)
+    dispatcher = Dispatcher(
+        settings, registry, build_manifest(settings, registry, settings.public_url or "http://localhost")
+    )
+    started = time.monotonic()
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        pool = ClientPool(httpx.AsyncClient(timeout=60.0), require_https=False)
+        dispatcher.client = pool
+        _log.info(
+            "asap.server.started",
+            agent_id=settings.agent_id,
+            skills=registry.ids(),
+        )
+        try:
+            yield
+        finally:
+            dispatcher.client = None
+            await pool.aclose()
+
+    async def read_body(request: Request) -> bytes:
+        limit = settings.max_request_size
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise HTTPError(
+                413, f"Request size ({int(declared)} bytes) exceeds maximum ({limit} bytes)"
+            )
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise HTTPError(
+                    413, f"Request size ({size} bytes) exceeds maximum ({limit} bytes)"
+                )
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        return codec.decompress(body, request.headers.get("content-encoding"), limit)
+
+    def meta_of(request: Request) -> RequestMeta:
+        return RequestMeta(
+            traceparent=request.headers.get("traceparent"),
+            idempotency_key=request.headers.get("x-idempotency-key"),
+        )
+
+    async def asap_endpoint(request: Request) -> Response:
+        try:
+            body = codec.loads(await read_body(request))
+        except HTTPError as exc:
+            return _detail(exc.status_code, exc.detail)
+        except ASAPError as exc:  # parse error
+            return _json(error_reply(exc, None))
+        return _json(await dispatcher.handle_body(body, meta_of(request)))
+
+    async def stream_endpoint(request: Request) -> Response:
+        try:
+            frame = codec.loads(await read_body(request))
+        except HTTPError as exc:
+            return _detail(exc.status_code, exc.detail)
+        except ASAPError as exc:
+            return _json(error_reply(exc, None))
+        try:
+            chunks = await dispatcher.stream(frame, meta_of(request))
+        except ASAPError as exc:
+            return _json(error_reply(exc, request_id_of(frame)))
+        except Exception as exc:
+            _log.exception("asap.request.internal_error")
+            return _json(error_reply(dispatcher.internal_error(exc), request_id_of(frame)))
+
+        async def events() -> AsyncIterator[bytes]:
+            async for chunk in chunks:
+                yield b"data: " + codec.dumps(chunk) + b"\n\n"
+
+        return StreamingResponse(
+            events(),
+            media_type="text/event-stream; charset=utf-8",
+            headers={"cache-control": "no-cache", "connection": "keep-alive"},
+        )
+
+    async def manifest_endpoint(request: Request) -> Response:
+        body, etag = manifests.get(str(request.base_url))
+        headers = {"etag": etag, "cache-control": "public, max-age=300"}
+        if _etag_matches(request.headers.get("if-none-match"), etag):
+            return Response(status_code=304, headers=headers)
+        return Response(body, headers=headers, media_type="application/json")
+
+    async def health_endpoint(request: Request) -> Response:
+        return _json(
+            {
+                "status": "healthy",
+                "agent_id": settings.agent_id,
+                "version": settings.agent_version,
+                "asap_version": "0.1",
+                "uptime_seconds": round(time.monotonic() - started, 2),
+                "load": None,
+            }
+        )
+
+    async def ok_endpoint(request: Request) -> Response:
+        return _json({"status": "ok"})
+
+    async def http_exception(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        return _detail(exc.status_code, exc.detail, exc.headers)
+
+    async def unhandled(request: Request, exc: Exception) -> Response:
+        _log.exception("asap.server.unhandled_error")
+        return _detail(500, "Internal Server Error")
+
+    routes = [
+        Route("/asap", asap_endpoint, methods=["POST"]),
+        Route("/asap/stream", stream_endpoint, methods=["POST"]),
+        Route("/.well-known/asap/manifest.json", manifest_endpoint, methods=["GET"]),
+        Route("/.well-known/asap/health", health_endpoint, methods=["GET"]),
+        Route("/health", ok_endpoint, methods=["GET"]),
+        Route("/ready", ok_endpoint, methods=["GET"]),
+    ]
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={HTTPException: http_exception, Exception: unhandled},
+    )
+    app.add_middleware(VersionMiddleware)
+    app.state.settings = settings
+    app.state.registry = registry
+    app.state.dispatcher = dispatcher
+    return app
+
+

@@ -1,0 +1,337 @@
+"""The ASAP client: one pooled ``httpx.AsyncClient`` per :class:`ASAPClient` (spec 4).
+
+Use it as an async context manager::
+
+    async with ASAPClient("http://127.0.0.1:8001") as client:
+        reply = await client.send(envelope)
+
+``base_url`` is the agent root; ``/asap`` and the well-known paths are appended. Errors from
+httpx are translated into :mod:`asap.errors`. Policies such as retries and circuit breaking
+wrap the network as an ``httpx.AsyncBaseTransport`` passed as ``transport=``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any
+from urllib.parse import urlsplit
+
+import brotli
+import httpx
+import orjson
+from pydantic import ValidationError
+
+from asap.errors import (
+    ASAPConnectionError,
+    ASAPTimeoutError,
+    MalformedEnvelopeError,
+    ProtocolCorrelationError,
+    RemoteRPCError,
+)
+from asap.models.entities import HealthStatus, Manifest
+from asap.models.envelope import Envelope
+from asap.models.ids import generate_id
+from asap.models.payloads import CORRELATED_PAYLOAD_TYPES
+from asap.observability.logging import get_logger
+
+__all__ = ["ASAPClient", "LOCAL_HOSTS", "MANIFEST_PATH", "HEALTH_PATH"]
+
+LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+MANIFEST_PATH = "/.well-known/asap/manifest.json"
+HEALTH_PATH = "/.well-known/asap/health"
+_log = get_logger("asap.client")
+
+
+class ASAPClient:
+    """Talk to one ASAP agent over HTTP.
+
+    Arguments mirror the reference client's names (spec 4.1). ``transport`` is an httpx
+    transport to send through (tests and resilience layers); ``http_client`` lets several
+    clients share one pool, in which case this client does not close it.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout: float = 60.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+        http_client: httpx.AsyncClient | None = None,
+        require_https: bool = True,
+        compression: bool = True,
+        compression_threshold: int = 1024,
+        supported_transport_versions: Sequence[str] = ("2.2", "2.1"),
+        auth_token: str | None = None,
+        pool_connections: int = 100,
+        pool_maxsize: int = 100,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        parts = urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"base_url must be an http(s) URL, got {base_url!r}")
+        if require_https and parts.scheme == "http" and parts.hostname not in LOCAL_HOSTS:
+            raise ValueError(
+                f"HTTPS is required for non-local hosts: {base_url!r} "
+                "(pass require_https=False to allow plain HTTP)"
+            )
+        if timeout <= 0:
+            raise ValueError(f"timeout must be positive, got {timeout}")
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        self.compression = compression
+        self.compression_threshold = compression_threshold
+        self.supported_transport_versions = tuple(supported_transport_versions)
+        self.last_response_asap_version: str | None = None
+        self._transport = transport
+        self._http = http_client
+        self._owns_http = http_client is None
+        self._limits = httpx.Limits(
+            max_connections=pool_connections,
+            max_keepalive_connections=pool_maxsize,
+            keepalive_expiry=5.0,
+        )
+        self._headers = {
+            "accept": "application/json",
+            "accept-encoding": "br, gzip, identity",
+            "asap-version": ", ".join(self.supported_transport_versions),
+            **(headers or {}),
+        }
+        if auth_token:
+            self._headers["authorization"] = f"Bearer {auth_token}"
+        self._ids = itertools.count(1)
+
+    def __repr__(self) -> str:
+        return f"ASAPClient({self.base_url!r})"
+
+    async def __aenter__(self) -> ASAPClient:
+        if self._http is None:
+            self._http = httpx.AsyncClient(
+                transport=self._transport, limits=self._limits, timeout=self.timeout
+            )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connection pool, if this client opened it."""
+        if self._http is not None and self._owns_http:
+            await self._http.aclose()
+            self._http = None
+
+    @property
+    def is_connected(self) -> bool:
+        """True between ``__aenter__`` and ``aclose``."""
+        return self._http is not None
+
+    # -- sending -------------------------------------------------------------------------
+
+    def _encode(self, payload: Any) -> tuple[bytes, dict[str, str]]:
+        body = orjson.dumps(payload)
+        headers: dict[str, str] = {"content-type": "application/json"}
+        if self.compression and len(body) >= self.compression_threshold:
+            packed = brotli.compress(body, quality=4)
+            if len(packed) < len(body):
+                body = packed
+                headers["content-encoding"] = "br"
+        return body, headers
+
+    async def _post(
+        self, path: str, body: bytes, headers: dict[str, str], timeout: float | None
+    ) -> httpx.Response:
+        if self._http is None:
+            raise ASAPConnectionError(
+                "Client not connected: use 'async with ASAPClient(...) as client'"
+            )
+        url = self.base_url + path
+        try:
+            response = await self._http.post(
+                url,
+                content=body,
+                headers={**self._headers, **headers},
+                timeout=timeout if timeout is not None else self.timeout,
+            )
+        except httpx.TimeoutException as exc:
+            raise ASAPTimeoutError(
+                f"Request timeout after {timeout or self.timeout}s: {url}", {"url": url}
+            ) from exc
+        except httpx.HTTPError as exc:
+            raise ASAPConnectionError(
+                f"Connection error to {url}: {exc or type(exc).__name__}", {"url": url}
+            ) from exc
+        self.last_response_asap_version = response.headers.get("asap-version")
+        if response.status_code >= 400:
+            raise _http_status_error(url, response)
+        return response
+
+    async def send(self, envelope: Envelope, *, timeout: float | None = None) -> Envelope:
+        """Send one envelope with ``asap.send`` and return the reply envelope.
+
+        The reply must be bound to the request: a response payload whose ``correlation_id``
+        is not ``envelope.id`` raises :class:`ProtocolCorrelationError`. A JSON-RPC error
+        reply raises :class:`RemoteRPCError` with its code, message, data and recoverability.
+        """
+        idempotency_key = generate_id()
+        frame = {
+            "jsonrpc": "2.0",
+            "method": "asap.send",
+            "params": {
+                "envelope": envelope.model_dump(mode="json"),
+                "idempotency_key": idempotency_key,
+            },
+            "id": f"req-{next(self._ids)}",
+        }
+        body, headers = self._encode(frame)
+        headers["x-idempotency-key"] = idempotency_key
+        _log.debug("asap.client.send", url=self.base_url, envelope_id=envelope.id,
+                   payload_type=envelope.payload_type)
+        response = await self._post("/asap", body, headers, timeout)
+        reply = _reply_envelope(self.base_url, _decode_json(response))
+        _check_correlation(envelope, reply)
+        _log.debug("asap.client.response", url=self.base_url, envelope_id=reply.id)
+        return reply
+
+    async def send_batch(
+        self, envelopes: Sequence[Envelope], *, return_exceptions: bool = False
+    ) -> list[Envelope | BaseException]:
+        """Send envelopes concurrently, one request each, over the pooled connections."""
+        results = await asyncio.gather(
+            *(self.send(envelope) for envelope in envelopes), return_exceptions=return_exceptions
+        )
+        return list(results)
+
+    async def batch(self, envelopes: Sequence[Envelope]) -> list[Envelope]:
+        """Send envelopes as one JSON-RPC batch (spec 3.7) and return the replies in order.
+
+        Each frame's id is its envelope id; the first error reply raises.
+        """
+        if not envelopes:
+            raise ValueError("batch() needs at least one envelope")
+        frames = [
+            {
+                "jsonrpc": "2.0",
+                "method": "asap.send",
+                "params": {"envelope": envelope.model_dump(mode="json")},
+                "id": envelope.id,
+            }
+            for envelope in envelopes
+        ]
+        body, headers = self._encode(frames)
+        response = await self._post("/asap", body, headers, None)
+        data = _decode_json(response)
+        if isinstance(data, dict):  # a whole-batch error (empty or too large)
+            _reply_envelope(self.base_url, data)
+            raise MalformedEnvelopeError(f"Malformed envelope: batch reply is not a list: {data}")
+        if not isinstance(data, list):
+            raise MalformedEnvelopeError("Malformed envelope: batch reply is not a list")
+        by_id = {envelope.id: envelope for envelope in envelopes}
+        replies: list[Envelope] = []
+        for item in data:
+            reply = _reply_envelope(self.base_url, item)
+            request = by_id.get(item.get("id")) if isinstance(item, dict) else None
+            if request is None:
+                raise MalformedEnvelopeError(
+                    f"Malformed envelope: batch reply id {item.get('id')!r} matches no request"
+                )
+            _check_correlation(request, reply)
+            replies.append(reply)
+        return replies
+
+    # -- discovery -----------------------------------------------------------------------
+
+    async def _get_json(self, url: str) -> Any:
+        if self._http is None:
+            raise ASAPConnectionError(
+                "Client not connected: use 'async with ASAPClient(...) as client'"
+            )
+        try:
+            response = await self._http.get(
+                url, headers=self._headers, timeout=min(self.timeout, 10.0)
+            )
+        except httpx.TimeoutException as exc:
+            raise ASAPTimeoutError(f"Request timeout: {url}", {"url": url}) from exc
+        except httpx.HTTPError as exc:
+            raise ASAPConnectionError(f"Connection error to {url}: {exc}", {"url": url}) from exc
+        if response.status_code >= 400 and response.status_code != 503:
+            raise _http_status_error(url, response)
+        return _decode_json(response)
+
+    async def get_manifest(self, url: str | None = None) -> Manifest:
+        """Fetch the agent's manifest (``url`` defaults to this client's agent)."""
+        target = url or self.base_url + MANIFEST_PATH
+        data = await self._get_json(target)
+        try:
+            manifest = Manifest.model_validate(data.get("manifest", data))
+        except (ValidationError, AttributeError) as exc:
+            raise MalformedEnvelopeError(f"Malformed manifest from {target}: {exc}") from exc
+        _log.debug("asap.client.manifest_fetched", url=target, agent_id=manifest.id)
+        return manifest
+
+    async def discover(self, base_url: str | None = None) -> Manifest:
+        """Fetch the manifest of the agent rooted at ``base_url`` (default: this client's)."""
+        root = (base_url or self.base_url).rstrip("/")
+        return await self.get_manifest(root + MANIFEST_PATH)
+
+    async def health_check(self, base_url: str | None = None) -> HealthStatus:
+        """Fetch ``/.well-known/asap/health``; an unhealthy agent answers 503 with a body."""
+        root = (base_url or self.base_url).rstrip("/")
+        data = await self._get_json(root + HEALTH_PATH)
+        try:
+            return HealthStatus.model_validate(data)
+        except ValidationError as exc:
+            raise MalformedEnvelopeError(f"Malformed health status from {root}: {exc}") from exc
+
+
+def _http_status_error(url: str, response: httpx.Response) -> ASAPConnectionError:
+    text = response.text[:200]
+    kind = "server" if response.status_code >= 500 else "client"
+    error = ASAPConnectionError(
+        f"HTTP {kind} error {response.status_code} from {url}: {text}",
+        {"url": url, "status_code": response.status_code, "body": text},
+    )
+    error.recoverable = response.status_code >= 500 or response.status_code == 429
+    return error
+
+
+def _decode_json(response: httpx.Response) -> Any:
+    try:
+        return orjson.loads(response.content)
+    except orjson.JSONDecodeError as exc:
+        raise RemoteRPCError(-32700, f"Invalid response: {exc}") from None
+
+
+def _reply_envelope(url: str, data: Any) -> Envelope:
+    if not isinstance(data, dict):
+        raise RemoteRPCError(-32600, f"Invalid response from {url}: not a JSON-RPC object")
+    error = data.get("error")
+    if error is not None:
+        if not isinstance(error, dict):
+            raise RemoteRPCError(-32603, f"Invalid error reply from {url}: {error!r}")
+        code = error.get("code")
+        raise RemoteRPCError(
+            code if isinstance(code, int) else -32603,
+            str(error.get("message", "")),
+            error.get("data"),
+        )
+    result = data.get("result")
+    if not isinstance(result, dict) or "envelope" not in result:
+        raise RemoteRPCError(-32603, "Missing envelope in response")
+    try:
+        return Envelope.model_validate(result["envelope"])
+    except ValidationError as exc:
+        raise MalformedEnvelopeError(f"Malformed envelope from {url}: {exc}") from exc
+
+
+def _check_correlation(request: Envelope, reply: Envelope) -> None:
+    if reply.payload_key in CORRELATED_PAYLOAD_TYPES and reply.correlation_id != request.id:
+        raise ProtocolCorrelationError(request.id, reply.correlation_id)
+
+
