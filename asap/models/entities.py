@@ -261,4 +261,3 @@ class StateSnapshot(ASAPBaseModel):
     data: dict[str, Any]
     checkpoint: bool = False
     created_at: UTCDateTime = Field(default_factory=utc_now)
-

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from asap.models.base import ASAPBaseModel, UTCDateTime, utc_now
 from asap.models.ids import generate_id
@@ -19,6 +19,7 @@ __all__ = ["AGENT_URN_MAX_LENGTH", "Envelope", "validate_agent_urn"]
 
 AGENT_URN_PATTERN = re.compile(r"^urn:asap:agent:[a-z0-9-]+(?::[a-z0-9-]+)?$")
 AGENT_URN_MAX_LENGTH = 256
+_DEFAULTED = ("id", "timestamp")
 
 
 def validate_agent_urn(value: str) -> str:
@@ -54,19 +55,12 @@ class Envelope(ASAPBaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _fill_defaults_and_type_payload(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            return data
-        if data.get("id") is None or data.get("timestamp") is None:
+    def _fill_defaults(cls, data: Any) -> Any:
+        # spec 1.2: a null id or timestamp is generated, as if absent
+        if isinstance(data, dict) and (
+            data.get("id", 0) is None or data.get("timestamp", 0) is None
+        ):
             data = {k: v for k, v in data.items() if v is not None or k not in ("id", "timestamp")}
-        payload_type = data.get("payload_type")
-        payload = data.get("payload")
-        if isinstance(payload_type, str) and isinstance(payload, dict):
-            model = PAYLOAD_MODELS.get(normalize_payload_type(payload_type))
-            if model is not None:
-                # A payload error propagates with its own locations, as in the reference
-                # (spec 3.5: no ``payload`` prefix in ``loc``).
-                data = {**data, "payload": model.model_validate(payload)}
         return data
 
     @field_validator("sender", "recipient")
@@ -76,17 +70,22 @@ class Envelope(ASAPBaseModel):
 
     @field_validator("payload")
     @classmethod
-    def _payload_is_object(cls, value: Any) -> Any:
-        if isinstance(value, dict | ASAPBaseModel):
-            return value
-        raise ValueError("payload must be a JSON object")
+    def _typed_payload(cls, value: Any, info: ValidationInfo) -> Any:
+        if not isinstance(value, dict | ASAPBaseModel):
+            raise ValueError("payload must be a JSON object")
+        payload_type = info.data.get("payload_type")
+        if isinstance(value, dict) and isinstance(payload_type, str):
+            model = PAYLOAD_MODELS.get(normalize_payload_type(payload_type))
+            if model is not None:
+                # Errors keep their full location (["payload", "skill_id"]); the reference
+                # drops the "payload" prefix, which hides where the problem is.
+                return model.model_validate(value)
+        return value
 
     @model_validator(mode="after")
     def _correlation_rule(self) -> Envelope:
         if self.payload_key in CORRELATED_PAYLOAD_TYPES and not self.correlation_id:
-            raise ValueError(
-                f"{self.payload_type} must have correlation_id for request tracking"
-            )
+            raise ValueError(f"{self.payload_type} must have correlation_id for request tracking")
         return self
 
     @property

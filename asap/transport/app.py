@@ -25,12 +25,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from asap.errors import ASAPError, HTTPError, VersionIncompatibleError
 from asap.models.entities import Capability, Endpoint, Manifest
 from asap.observability.logging import configure_logging, get_logger
+from asap.observability.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from asap.observability.metrics import Metrics
 from asap.registry import SkillRegistry
 from asap.settings import Settings
 from asap.transport import codec
 from asap.transport.dispatch import Dispatcher, RequestMeta
 from asap.transport.jsonrpc import error_reply, request_id_of
 from asap.transport.pool import ClientPool
+from asap.transport.ratelimit import RateLimiter, parse_rate_limit
 
 __all__ = ["SUPPORTED_TRANSPORT_VERSIONS", "DEFAULT_TRANSPORT_VERSION", "create_app"]
 
@@ -164,8 +167,13 @@ def create_app(
         for module in settings.skills:
             registry.load(module)
     manifests = _ManifestCache(settings, registry)
+    limiter = RateLimiter(parse_rate_limit(settings.rate_limit)) if settings.rate_limit else None
+    metrics = Metrics()
     dispatcher = Dispatcher(
-        settings, registry, build_manifest(settings, registry, settings.public_url or "http://localhost")
+        settings,
+        registry,
+        build_manifest(settings, registry, settings.public_url or "http://localhost"),
+        metrics,
     )
     started = time.monotonic()
 
@@ -196,12 +204,9 @@ def create_app(
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise HTTPError(
-                    413, f"Request size ({size} bytes) exceeds maximum ({limit} bytes)"
-                )
+                raise HTTPError(413, f"Request size ({size} bytes) exceeds maximum ({limit} bytes)")
             chunks.append(chunk)
-        body = b"".join(chunks)
-        return codec.decompress(body, request.headers.get("content-encoding"), limit)
+        return b"".join(chunks)
 
     def meta_of(request: Request) -> RequestMeta:
         return RequestMeta(
@@ -209,22 +214,60 @@ def create_app(
             idempotency_key=request.headers.get("x-idempotency-key"),
         )
 
+    def rate_limited(request: Request, cost: int) -> Response | None:
+        if limiter is None:
+            return None
+        client = request.client.host if request.client else "unknown"
+        refused = limiter.hit(client, cost)
+        if refused is None:
+            return None
+        retry_after, limit = refused
+        _log.info("asap.rate_limit.exceeded", client=client, limit=limit.text)
+        # spec 3.10: key order and the out-of-range code 429 are the reference's
+        body = {
+            "jsonrpc": "2.0",
+            "id": None,
+            "error": {
+                "code": 429,
+                "message": "Rate limit exceeded",
+                "data": {"retry_after": retry_after, "limit": limit.text},
+            },
+        }
+        return _json(body, 429, {"retry-after": str(retry_after)})
+
+    async def decoded_body(request: Request) -> Any:
+        """Size limit, rate limit, decompression and JSON (spec 3.3 steps 3-6)."""
+        body = await read_body(request)
+        refused = rate_limited(request, body.count(b'"asap.send"') or 1 if body[:1] == b"[" else 1)
+        if refused is not None:
+            return refused
+        return codec.loads(
+            codec.decompress(
+                body, request.headers.get("content-encoding"), settings.max_request_size
+            )
+        )
+
     async def asap_endpoint(request: Request) -> Response:
         try:
-            body = codec.loads(await read_body(request))
+            body = await decoded_body(request)
         except HTTPError as exc:
             return _detail(exc.status_code, exc.detail)
         except ASAPError as exc:  # parse error
+            metrics.parse_errors.inc()
             return _json(error_reply(exc, None))
+        if isinstance(body, Response):
+            return body
         return _json(await dispatcher.handle_body(body, meta_of(request)))
 
     async def stream_endpoint(request: Request) -> Response:
         try:
-            frame = codec.loads(await read_body(request))
+            frame = await decoded_body(request)
         except HTTPError as exc:
             return _detail(exc.status_code, exc.detail)
         except ASAPError as exc:
             return _json(error_reply(exc, None))
+        if isinstance(frame, Response):
+            return frame
         try:
             chunks = await dispatcher.stream(frame, meta_of(request))
         except ASAPError as exc:
@@ -262,6 +305,9 @@ def create_app(
             }
         )
 
+    async def metrics_endpoint(request: Request) -> Response:
+        return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
+
     async def ok_endpoint(request: Request) -> Response:
         return _json({"status": "ok"})
 
@@ -278,6 +324,7 @@ def create_app(
         Route("/asap/stream", stream_endpoint, methods=["POST"]),
         Route("/.well-known/asap/manifest.json", manifest_endpoint, methods=["GET"]),
         Route("/.well-known/asap/health", health_endpoint, methods=["GET"]),
+        Route("/asap/metrics", metrics_endpoint, methods=["GET"]),
         Route("/health", ok_endpoint, methods=["GET"]),
         Route("/ready", ok_endpoint, methods=["GET"]),
     ]
@@ -291,5 +338,3 @@ def create_app(
     app.state.registry = registry
     app.state.dispatcher = dispatcher
     return app
-
-

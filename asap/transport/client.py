@@ -191,8 +191,12 @@ class ASAPClient:
         }
         body, headers = self._encode(frame)
         headers["x-idempotency-key"] = idempotency_key
-        _log.debug("asap.client.send", url=self.base_url, envelope_id=envelope.id,
-                   payload_type=envelope.payload_type)
+        _log.debug(
+            "asap.client.send",
+            url=self.base_url,
+            envelope_id=envelope.id,
+            payload_type=envelope.payload_type,
+        )
         response = await self._post("/asap", body, headers, timeout)
         reply = _reply_envelope(self.base_url, _decode_json(response))
         _check_correlation(envelope, reply)
@@ -333,5 +337,3 @@ def _reply_envelope(url: str, data: Any) -> Envelope:
 def _check_correlation(request: Envelope, reply: Envelope) -> None:
     if reply.payload_key in CORRELATED_PAYLOAD_TYPES and reply.correlation_id != request.id:
         raise ProtocolCorrelationError(request.id, reply.correlation_id)
-
-

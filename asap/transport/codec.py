@@ -45,9 +45,7 @@ def loads(body: bytes) -> Any:
 
 def _too_large(limit: int, size: int | None = None) -> HTTPError:
     shown = f"{size} bytes" if size is not None else f"more than {limit} bytes"
-    return HTTPError(
-        413, f"Decompressed request size ({shown}) exceeds maximum ({limit} bytes)"
-    )
+    return HTTPError(413, f"Decompressed request size ({shown}) exceeds maximum ({limit} bytes)")
 
 
 def _gunzip(body: bytes, limit: int) -> bytes:

@@ -30,6 +30,7 @@ from asap.errors import (
     InvalidParamsError,
     InvalidRequestError,
     InvalidTimestampError,
+    MethodNotFoundError,
     SkillNotFoundError,
 )
 from asap.models.base import format_timestamp
@@ -39,6 +40,7 @@ from asap.models.envelope import Envelope
 from asap.models.ids import generate_id, generate_span_id, generate_task_id, generate_trace_id
 from asap.models.payloads import TaskRequest
 from asap.observability.logging import get_logger
+from asap.observability.metrics import Metrics, payload_label
 from asap.registry import SkillRegistry, SkillSpec
 from asap.settings import Settings
 from asap.transport.jsonrpc import (
@@ -54,6 +56,17 @@ __all__ = ["Dispatcher", "RequestMeta"]
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
 _log = get_logger("asap.server")
+
+ERROR_TYPES: dict[type[ASAPError], str] = {
+    InvalidRequestError: "invalid_request",
+    MethodNotFoundError: "method_not_found",
+    InvalidParamsError: "invalid_params",
+    InvalidTimestampError: "invalid_timestamp",
+    HandlerNotFoundError: "handler_not_found",
+    SkillNotFoundError: "skill_not_found",
+    InternalError: "internal_error",
+}
+"""``error_type`` label of each error (spec 6.2); other errors use their class name."""
 
 
 @dataclass(frozen=True)
@@ -81,11 +94,16 @@ class Dispatcher:
     """Runs the protocol pipeline for one agent: frames, envelopes, skills, replies."""
 
     def __init__(
-        self, settings: Settings, registry: SkillRegistry, manifest: Manifest
+        self,
+        settings: Settings,
+        registry: SkillRegistry,
+        manifest: Manifest,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry
         self.manifest = manifest
+        self.metrics = metrics or Metrics()
         self.client: Any = None  # the shared ClientPool, set by the lifespan
 
     # -- whole bodies --------------------------------------------------------------------
@@ -112,9 +130,13 @@ class Dispatcher:
     async def handle_frame(self, frame: Any, meta: RequestMeta) -> dict[str, Any]:
         """Answer one JSON-RPC request object; never raises."""
         request_id = request_id_of(frame)
+        started = time.perf_counter()
+        payload_key = None
         try:
             envelope = self.prepare(frame)
+            payload_key = envelope.payload_key
             reply = await self.dispatch(envelope, meta)
+            self.count(payload_key, started)
             return success_reply(reply, request_id)
         except ASAPError as exc:
             _log.info(
@@ -123,10 +145,28 @@ class Dispatcher:
                 error=exc.message,
                 error_type=type(exc).__name__,
             )
+            self.count(payload_key, started, exc)
             return error_reply(exc, request_id)
         except Exception as exc:
             _log.exception("asap.request.internal_error")
-            return error_reply(self.internal_error(exc), request_id)
+            error = self.internal_error(exc)
+            self.count(payload_key, started, error)
+            return error_reply(error, request_id)
+
+    def count(
+        self, payload_key: str | None, started: float, error: ASAPError | None = None
+    ) -> None:
+        """Record one answered request in the metrics."""
+        label = payload_label(payload_key)
+        metrics = self.metrics
+        status = "success" if error is None else "error"
+        metrics.requests.labels(label, status).inc()
+        metrics.request_duration.labels(label, status).observe(time.perf_counter() - started)
+        if error is None:
+            metrics.requests_success.labels(label).inc()
+        else:
+            error_type = ERROR_TYPES.get(type(error), type(error).__name__)
+            metrics.requests_error.labels(label, error_type).inc()
 
     def internal_error(self, exc: BaseException) -> InternalError:
         """The -32603 reply; the exception stays in the log unless debug is on."""
@@ -255,11 +295,15 @@ class Dispatcher:
             except Exception as exc:
                 _log.exception("asap.handler.error", error_type=type(exc).__name__)
                 status, result = TaskStatus.FAILED, {"error": self.safe_error(exc)}
+            elapsed = time.perf_counter() - started
             _log.info(
-                "asap.request.processed",
-                status=status.value,
-                duration_ms=round((time.perf_counter() - started) * 1000, 3),
+                "asap.request.processed", status=status.value, duration_ms=round(elapsed * 1000, 3)
             )
+        label = payload_label(envelope.payload_key)
+        self.metrics.handler_executions.labels(label).inc()
+        self.metrics.handler_duration.labels(label).observe(elapsed)
+        if status is TaskStatus.FAILED:
+            self.metrics.handler_errors.labels(label).inc()
         return status, result
 
     def safe_error(self, exc: BaseException) -> dict[str, Any]:

@@ -1,0 +1,35 @@
+# Targets humans and CI both run. `make run` and `make test` set everything up themselves.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: install ref run test check bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+# The reference implementation (asap-protocol 2.5.10, Python 3.13) for interop tests and bench.
+ref:
+	@scripts/ref-venv.sh >/dev/null || { [ -z "$$CI" ] && echo "make ref: reference venv unavailable; interop tests will be skipped" >&2; }
+
+run: install
+	$(BIN)/asap demo
+
+test: install ref
+	$(BIN)/python -m pytest -q
+
+check: install
+	$(BIN)/ruff check asap skills tests bench
+	$(BIN)/ruff format --check asap skills
+	$(BIN)/mypy
+
+bench: install ref
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) .venv-ref .pytest_cache .ruff_cache .mypy_cache

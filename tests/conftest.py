@@ -1,0 +1,114 @@
+"""Shared fixtures: in-process apps (with lifespan) and real agent processes on loopback."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+from starlette.applications import Starlette
+
+from asap.process import AgentProcess, free_port
+from asap.settings import Settings
+from asap.transport.app import create_app
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+ECHO_ID = "urn:asap:agent:echo-agent"
+
+
+def echo_settings(**overrides: object) -> Settings:
+    """Settings of an echo agent that describes itself as the reference's does."""
+    base = Settings(
+        agent_id=ECHO_ID,
+        agent_name="Echo Agent",
+        agent_version="0.3.0",
+        agent_description="Echoes task input as output",
+        skills=("skills.echo",),
+        public_url="http://127.0.0.1:8003",
+        log_level="WARNING",
+    )
+    return base.with_overrides(**overrides)
+
+
+@asynccontextmanager
+async def serve_in_process(app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
+    """An httpx client talking to ``app`` in-process, with its lifespan running."""
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8003") as c:
+            yield c
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+async def echo_http() -> AsyncIterator[httpx.AsyncClient]:
+    """Raw HTTP access to an in-process echo agent."""
+    async with serve_in_process(create_app(echo_settings())) as client:
+        yield client
+
+
+def start_agent(
+    tmp_path: Path, *args: str, env: dict[str, str] | None = None, name: str = "agent"
+) -> AgentProcess:
+    """Start ``python -m asap.examples.echo_agent``-style module args on a free port."""
+    port = free_port()
+    argv = [arg.replace("{port}", str(port)) for arg in args]
+    return AgentProcess(
+        argv,
+        port,
+        env={"ASAP_LOG_LEVEL": "INFO", **(env or {})},
+        log_path=tmp_path / f"{name}-{port}.log",
+    ).start()
+
+
+@pytest.fixture(scope="session")
+def echo_agents(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[AgentProcess]]:
+    """Two real echo agents (``worker-a``, ``worker-b``) served by uvicorn processes."""
+    logs = tmp_path_factory.mktemp("echo-agents")
+    agents = []
+    try:
+        for name in ("worker-a", "worker-b"):
+            port = free_port()
+            agents.append(
+                AgentProcess(
+                    [
+                        "-m",
+                        "asap.examples.echo_agent",
+                        "--port",
+                        str(port),
+                        "--agent-id",
+                        f"urn:asap:agent:{name}",
+                    ],
+                    port,
+                    log_path=logs / f"{name}.log",
+                ).start(wait=False)
+            )
+        for agent in agents:
+            agent.wait_ready()
+        yield agents
+    finally:
+        for agent in agents:
+            agent.stop()
+
+
+REF_PYTHON = ROOT / ".venv-ref" / "bin" / "python"
+
+
+def require_reference() -> Path:
+    """The reference venv's interpreter; skip (outside CI) when it is missing."""
+    if REF_PYTHON.exists():
+        return REF_PYTHON
+    reason = "reference venv .venv-ref missing: run `make ref` (needs Python 3.13)"
+    if os.environ.get("CI"):
+        pytest.fail(reason)
+    pytest.skip(reason)
+    raise AssertionError  # unreachable
