@@ -38,7 +38,7 @@ class Settings:
     """Largest request body, compressed or not (spec 3.11)."""
     max_batch_size: int = 50
     rate_limit: str | None = None
-    """Requests allowed per client, e.g. ``"100/second;5000/minute"`` (spec 3.10); off when unset."""
+    """Requests per client, e.g. ``"100/second;5000/minute"`` (spec 3.10); unset: no limit."""
     max_envelope_age_seconds: int = 300
     max_future_tolerance_seconds: int = 30
     debug: bool = False

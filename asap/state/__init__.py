@@ -1,0 +1,1 @@
+"""Task state: the lifecycle state machine (spec 2.3)."""
