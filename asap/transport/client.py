@@ -134,10 +134,10 @@ class ASAPClient:
 
     # -- sending -------------------------------------------------------------------------
 
-    def _encode(self, payload: Any) -> tuple[bytes, dict[str, str]]:
+    def _encode(self, payload: Any, *, compress: bool = True) -> tuple[bytes, dict[str, str]]:
         body = orjson.dumps(payload)
         headers: dict[str, str] = {"content-type": "application/json"}
-        if self.compression and len(body) >= self.compression_threshold:
+        if compress and self.compression and len(body) >= self.compression_threshold:
             packed = brotli.compress(body, quality=4)
             if len(packed) < len(body):
                 body = packed
@@ -228,7 +228,8 @@ class ASAPClient:
             }
             for envelope in envelopes
         ]
-        body, headers = self._encode(frames)
+        # The reference server cannot read a compressed batch (spec 3.7): send it plain.
+        body, headers = self._encode(frames, compress=False)
         response = await self._post("/asap", body, headers, None)
         data = _decode_json(response)
         if isinstance(data, dict):  # a whole-batch error (empty or too large)

@@ -72,17 +72,18 @@ def _gunzip(body: bytes, limit: int) -> bytes:
 
 def _unbrotli(body: bytes, limit: int) -> bytes:
     decoder = brotli.Decompressor()
-    out = bytearray()
     try:
-        out += decoder.process(body, output_buffer_limit=_CHUNK)
-        while not decoder.can_accept_more_data():
-            if len(out) > limit:
-                raise _too_large(limit)
-            out += decoder.process(b"", output_buffer_limit=_CHUNK)
+        out = bytearray(decoder.process(body, output_buffer_limit=_CHUNK))
+        # The whole input is buffered now; drain the output slice by slice.
+        while not decoder.is_finished() and len(out) <= limit:
+            chunk = decoder.process(b"", output_buffer_limit=_CHUNK)
+            if not chunk:
+                break
+            out += chunk
     except brotli.error as exc:
         raise HTTPError(400, f"Invalid compressed data: {exc}") from None
     if len(out) > limit:
-        raise _too_large(limit, len(out))
+        raise _too_large(limit)
     if not decoder.is_finished():
         raise HTTPError(400, "Invalid compressed data: truncated brotli stream")
     return bytes(out)

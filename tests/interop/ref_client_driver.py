@@ -20,7 +20,7 @@ Output contract (what the pytest side parses):
   process's stdout by default, warnings, tracebacks) is moved to stderr. The
   ``RESULT `` prefix is kept anyway so a parser can filter safely.
 * Exit status is 0 whenever the driver itself ran (even if cases failed),
-  2 on bad command-line usage.
+  2 on bad command-line usage, 3 if the reference package is not installed.
 """
 
 from __future__ import annotations
@@ -57,6 +57,23 @@ def _drop_shadowing_paths() -> None:
 
 
 _drop_shadowing_paths()
+
+
+def _require_reference() -> None:
+    import importlib.metadata as md
+
+    try:
+        md.version("asap-protocol")
+    except md.PackageNotFoundError:
+        print(
+            "ref_client_driver.py: asap-protocol is not installed in this interpreter "
+            f"({sys.executable}); run it with .venv-ref/bin/python (scripts/ref-venv.sh)",
+            file=sys.stderr,
+        )
+        sys.exit(3)
+
+
+_require_reference()
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402

@@ -1,0 +1,99 @@
+"""Logging (issue 2.7): one structured format for our events and uvicorn's, context on every line."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pytest
+
+from asap.models.envelope import Envelope
+from asap.models.payloads import TaskRequest
+from asap.observability import logging as asap_logging
+from asap.process import AgentProcess
+from asap.transport.client import ASAPClient
+from tests.conftest import TEST_AGENT_ID
+
+pytestmark = pytest.mark.anyio
+
+
+def read_json_lines(agent: AgentProcess, until: str, timeout: float = 10.0) -> list[dict[str, Any]]:
+    """Every line the agent logged, once a line containing ``until`` has appeared."""
+    assert agent.log_path is not None
+    deadline = time.monotonic() + timeout
+    while True:
+        text = agent.log_path.read_text()
+        if until in text or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+async def test_request_lines_carry_trace_correlation_skill_and_task(
+    test_agent: AgentProcess,
+) -> None:
+    envelope = Envelope(
+        asap_version="0.1",
+        sender="urn:asap:agent:log-test",
+        recipient=TEST_AGENT_ID,
+        payload_type="task.request",
+        payload=TaskRequest(conversation_id="c", skill_id="sleep", input={"seconds": 0}),
+        trace_id="trace-logging-test",
+    )
+    async with ASAPClient(test_agent.url) as client:
+        reply = await client.send(envelope)
+    lines = read_json_lines(test_agent, reply.payload.task_id)  # every line parses as JSON
+    ours = [line for line in lines if line.get("correlation_id") == envelope.id]
+    events = {line["event"] for line in ours}
+    assert {"test.sleeping", "asap.request.processed"} <= events
+    for line in ours:
+        assert line["trace_id"] == "trace-logging-test"
+        assert line["skill_id"] == "sleep"
+        assert line["task_id"] == reply.payload.task_id
+        assert line["service"] == "asap" and line["level"] and line["timestamp"].endswith("Z")
+
+
+def test_uvicorn_lines_use_the_same_json_renderer(test_agent: AgentProcess) -> None:
+    lines = read_json_lines(test_agent, "Application startup complete")
+    startup = [line for line in lines if line.get("logger") == "uvicorn.error"]
+    assert any("Application startup complete" in line["event"] for line in startup)
+    assert any(line["event"] == "asap.server.started" for line in lines)
+
+
+def test_console_and_json_output_bind_context_and_redact_secrets(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    try:
+        asap_logging.configure_logging("json", "INFO", force=True)
+        asap_logging.bind_context(trace_id="t-1", correlation_id="c-1")
+        asap_logging.get_logger("test").info("demo.event", authorization="Bearer s3cret", n=1)
+        asap_logging.clear_context()
+        asap_logging.get_logger("test").info("demo.after")
+        first, second = (json.loads(x) for x in capsys.readouterr().out.splitlines())
+        assert first["event"] == "demo.event" and first["n"] == 1
+        assert first["trace_id"] == "t-1" and first["correlation_id"] == "c-1"
+        assert first["authorization"] == "***"
+        assert "trace_id" not in second
+
+        asap_logging.configure_logging("console", "INFO", force=True)
+        asap_logging.get_logger("test").info("demo.console", token="abc")
+        out = capsys.readouterr().out
+        assert "demo.console" in out and "abc" not in out and "token=***" in out
+    finally:
+        asap_logging.configure_logging("console", "WARNING", force=True)
+
+
+def test_sanitize_for_logging_redacts_nested_secret_fields() -> None:
+    data = {"headers": {"Authorization": "Bearer x"}, "items": [{"api_key": "k", "ok": 1}]}
+    assert asap_logging.sanitize_for_logging(data) == {
+        "headers": {"Authorization": "***"},
+        "items": [{"api_key": "***", "ok": 1}],
+    }
+
+
+def test_bad_settings_fail_clearly() -> None:
+    with pytest.raises(ValueError, match="ASAP_LOG_FORMAT"):
+        asap_logging.configure_logging("xml", force=True)
+    with pytest.raises(ValueError, match="ASAP_LOG_LEVEL"):
+        asap_logging.configure_logging("json", "LOUD", force=True)
