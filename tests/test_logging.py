@@ -1,4 +1,4 @@
-"""Logging (issue 2.7): one structured format for our events and uvicorn's, context on every line."""
+"""Logging (issue 2.7): one format for our events and uvicorn's, context on every line."""
 
 from __future__ import annotations
 

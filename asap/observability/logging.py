@@ -65,15 +65,11 @@ class _StdoutLogger:
 
 
 class _StdoutHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """A stream handler bound to the current ``sys.stdout`` rather than the one at start-up."""
+    """A stream handler writing to the current ``sys.stdout`` rather than the one at start-up."""
 
-    @property  # type: ignore[override]
-    def stream(self) -> Any:
-        return sys.stdout
-
-    @stream.setter
-    def stream(self, value: Any) -> None:
-        pass
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stdout
+        super().emit(record)
 
 
 def _json_renderer(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> str:

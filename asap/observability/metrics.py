@@ -23,7 +23,7 @@ __all__ = ["CONTENT_TYPE", "Metrics"]
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # One ``_total`` sample per counter, as the reference prints; no ``_created`` series.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 _CANONICAL = {"taskrequest": "task.request"}
 

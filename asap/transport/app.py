@@ -69,15 +69,15 @@ class VersionMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        version: str | None = DEFAULT_TRANSPORT_VERSION
+        version = DEFAULT_TRANSPORT_VERSION
         if scope["path"] in _NEGOTIATED_PATHS and scope["method"] == "POST":
             requested = None
             for name, value in scope["headers"]:
                 if name == b"asap-version":
                     requested = value.decode("latin-1")
                     break
-            version = negotiate_version(requested)
-            if version is None:
+            negotiated = negotiate_version(requested)
+            if negotiated is None:
                 _log.info("asap.version.incompatible", requested=requested)
                 reply = error_reply(
                     VersionIncompatibleError(
@@ -88,6 +88,7 @@ class VersionMiddleware:
                 response = _json(reply, headers={"asap-version": DEFAULT_TRANSPORT_VERSION})
                 await response(scope, receive, send)
                 return
+            version = negotiated
         header = (b"asap-version", version.encode())
 
         async def send_with_version(message: Message) -> None:
@@ -313,7 +314,7 @@ def create_app(
 
     async def http_exception(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
-        return _detail(exc.status_code, exc.detail, exc.headers)
+        return _detail(exc.status_code, exc.detail, dict(exc.headers or {}))
 
     async def unhandled(request: Request, exc: Exception) -> Response:
         _log.exception("asap.server.unhandled_error")

@@ -241,7 +241,7 @@ class ASAPClient:
         replies: list[Envelope] = []
         for item in data:
             reply = _reply_envelope(self.base_url, item)
-            request = by_id.get(item.get("id")) if isinstance(item, dict) else None
+            request = by_id.get(str(item.get("id"))) if isinstance(item, dict) else None
             if request is None:
                 raise MalformedEnvelopeError(
                     f"Malformed envelope: batch reply id {item.get('id')!r} matches no request"
