@@ -112,3 +112,28 @@ def require_reference() -> Path:
         pytest.fail(reason)
     pytest.skip(reason)
     raise AssertionError  # unreachable
+
+
+TEST_AGENT_ID = "urn:asap:agent:test-agent"
+
+
+@pytest.fixture(scope="session")
+def test_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
+    """``uvicorn asap.server:app`` exactly as a user runs it, serving the test skills.
+
+    JSON logs go to ``agent.log_path`` so tests can read what the agent logged.
+    """
+    port = free_port()
+    agent = AgentProcess(
+        ["-m", "uvicorn", "asap.server:app", "--host", "127.0.0.1", "--port", str(port)],
+        port,
+        env={
+            "ASAP_SKILLS": "skills.echo,tests.agent_skills",
+            "ASAP_AGENT_ID": TEST_AGENT_ID,
+            "ASAP_LOG_FORMAT": "json",
+            "ASAP_LOG_LEVEL": "INFO",
+        },
+        log_path=tmp_path_factory.mktemp("test-agent") / "agent.log",
+    )
+    with agent:
+        yield agent
