@@ -220,8 +220,12 @@ async def replay_rate_limited(method: str, url: str, headers: dict[str, str], bo
         return await client.request(method, url, headers=headers, content=body)
 
 
-def test_captures_are_present() -> None:
+def test_captures_are_present_and_current() -> None:
     assert len(CAPTURES) >= 70, f"expected the wire captures, found {len(CAPTURES)} in {WIRE}"
+    if SHARED_WIRE.exists():
+        for original in SHARED_WIRE.iterdir():
+            copy = WIRE / original.name
+            assert copy.exists() and copy.read_bytes() == original.read_bytes(), original.name
 
 
 @pytest.mark.parametrize("path", CAPTURES, ids=[p.stem for p in CAPTURES])
