@@ -64,7 +64,7 @@ if ! "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$REF
     die "pip install $REF_PKG failed"
 fi
 # Importing the reference logs to stdout/stderr; keep it quiet unless it fails.
-if ! "$VENV/bin/python" -W ignore -c 'import asap.transport.client, asap.models.envelope' >"$LOG" 2>&1; then
+if ! "$VENV/bin/python" -P -W ignore -c 'import asap.transport.client, asap.models.envelope' >"$LOG" 2>&1; then
     cat "$LOG" >&2
     die "$REF_PKG installed but 'import asap.transport.client' failed"
 fi
