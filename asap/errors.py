@@ -346,16 +346,21 @@ class ASAPTimeoutError(ASAPConnectionError):
 class RemoteRPCError(ASAPError):
     """A JSON-RPC error reply from a remote agent.
 
-    ``rpc_code`` is the remote code, ``code`` its taxonomy URI when it sent one, ``data`` the
-    raw ``error.data``, and ``recoverable`` what the remote said (``data.recoverable``).
+    ``json_rpc_code`` is the code on the wire. ``rpc_code`` is that code when it is in the ASAP
+    band (-32059..-32000) and -32034 otherwise, as in the reference client. ``code`` is the
+    remote taxonomy URI when it sent one, ``data`` the raw ``error.data``, and ``recoverable``
+    what the remote said (``data.recoverable``).
     """
 
     code = "asap:rpc/remote_error"
+    rpc_code = -32034
 
-    def __init__(self, rpc_code: int, message: str, data: Any = None) -> None:
+    def __init__(self, json_rpc_code: int, message: str, data: Any = None) -> None:
         details = data.get("details", {}) if isinstance(data, dict) else {}
         super().__init__(message, details if isinstance(details, dict) else {})
-        self.rpc_code = rpc_code  # type: ignore[misc]
+        self.json_rpc_code = json_rpc_code
+        if -32059 <= json_rpc_code <= -32000:
+            self.rpc_code = json_rpc_code  # type: ignore[misc]
         self.data = data
         if isinstance(data, dict):
             taxonomy = data.get("asap_taxonomy_code") or data.get("code")
@@ -366,7 +371,7 @@ class RemoteRPCError(ASAPError):
                 self.retry_after_ms = data["retry_after_ms"]
 
     def __str__(self) -> str:
-        return f"Remote error {self.rpc_code}: {self.message}"
+        return f"Remote error {self.json_rpc_code}: {self.message}"
 
 
 ASAPRemoteError = RemoteRPCError

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import pkgutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, TypeVar, get_type_hints
 
-import orjson
 from pydantic import BaseModel, ValidationError
 
 from asap.errors import ConfigurationError, InvalidParamsError
@@ -82,7 +82,7 @@ class SkillSpec:
 
 
 def _json_errors(exc: ValidationError) -> list[dict[str, Any]]:
-    return list(orjson.loads(exc.json()))
+    return list(json.loads(exc.json()))  # the standard library reads pydantic's NaN
 
 
 def _model_of(annotation: Any) -> type[BaseModel] | None:

@@ -1,4 +1,4 @@
-"""Skills used by the tests, served by real agent processes with ``ASAP_SKILLS=tests.agent_skills``."""
+"""Skills the tests serve from real agent processes (``ASAP_SKILLS=tests.agent_skills``)."""
 
 from __future__ import annotations
 

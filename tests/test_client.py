@@ -119,7 +119,8 @@ async def test_remote_errors_are_typed(test_agent: AgentProcess) -> None:
     assert unknown.value.details["available_skills"][0] == "bad-return"
     assert unknown.value.recoverable is False
     assert str(unknown.value) == "Remote error -32013: Unknown skill: no-such-skill"
-    assert invalid.value.rpc_code == -32602 and invalid.value.data["skill_id"] == "greet"
+    assert invalid.value.json_rpc_code == -32602 and invalid.value.rpc_code == -32034
+    assert invalid.value.data["skill_id"] == "greet"
 
 
 async def test_timeout_and_connection_errors_are_translated(test_agent: AgentProcess) -> None:

@@ -22,7 +22,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from asap.errors import ASAPError, HTTPError, VersionIncompatibleError
+from asap.errors import ASAPError, HTTPError, InternalError, VersionIncompatibleError
 from asap.models.entities import Capability, Endpoint, Manifest
 from asap.observability.logging import configure_logging, get_logger
 from asap.observability.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -100,7 +100,15 @@ class VersionMiddleware:
 
 
 def _json(data: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(codec.dumps(data), status_code, headers, media_type="application/json")
+    try:
+        body = codec.dumps(data)
+    except TypeError:  # a skill returned something JSON cannot carry
+        _log.exception("asap.response.unserializable")
+        request_id = data.get("id") if isinstance(data, dict) else None
+        body = codec.dumps(
+            error_reply(InternalError({"error": "Internal server error"}), request_id)
+        )
+    return Response(body, status_code, headers, media_type="application/json")
 
 
 def _detail(status_code: int, detail: str, headers: dict[str, str] | None = None) -> Response:
@@ -237,16 +245,25 @@ def create_app(
         return _json(body, 429, {"retry-after": str(retry_after)})
 
     async def decoded_body(request: Request) -> Any:
-        """Size limit, rate limit, decompression and JSON (spec 3.3 steps 3-6)."""
+        """Size limit, decompression, JSON and rate limit (spec 3.3 steps 3-6).
+
+        The limit is charged after decoding so that a batch pays for every item whatever its
+        encoding; decoding is bounded by the size limit, so this costs little.
+        """
         body = await read_body(request)
-        refused = rate_limited(request, body.count(b'"asap.send"') or 1 if body[:1] == b"[" else 1)
+        encoding = request.headers.get("content-encoding")
+        try:
+            decoded = codec.loads(codec.decompress(body, encoding, settings.max_request_size))
+        except ASAPError:
+            refused = rate_limited(request, 1)  # bad bodies count too
+            if refused is not None:
+                return refused
+            raise
+        # A batch costs one hit per item, charged whole or refused whole (spec 3.7).
+        refused = rate_limited(request, len(decoded) if isinstance(decoded, list) else 1)
         if refused is not None:
             return refused
-        return codec.loads(
-            codec.decompress(
-                body, request.headers.get("content-encoding"), settings.max_request_size
-            )
-        )
+        return decoded
 
     async def asap_endpoint(request: Request) -> Response:
         try:

@@ -15,7 +15,7 @@ import orjson
 
 from asap.errors import HTTPError, ParseError
 
-__all__ = ["SUPPORTED_ENCODINGS", "decompress", "dumps", "loads"]
+__all__ = ["MAX_DEPTH", "SUPPORTED_ENCODINGS", "decompress", "dumps", "loads"]
 
 SUPPORTED_ENCODINGS = ("br", "gzip")
 _CHUNK = 64 * 1024
@@ -26,21 +26,52 @@ def dumps(value: Any) -> bytes:
     return orjson.dumps(value)
 
 
-def loads(body: bytes) -> Any:
-    """Parse a request body; raise :class:`ParseError` with the reason (spec 3.3 step 6)."""
+MAX_DEPTH = 128
+"""Deepest nesting of arrays and objects a request may have (replies add a few levels)."""
+
+
+def loads(body: bytes, max_depth: int = MAX_DEPTH) -> Any:
+    """Parse a request body; raise :class:`ParseError` with the reason (spec 3.3 step 6).
+
+    Only what orjson accepts is accepted (strict RFC 8259: no NaN, no lone surrogates,
+    integers within 64 bits), so every accepted value can be written back in a reply.
+    """
     try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError:
-        pass
-    # Slow path, only for bad input: explain the failure the way Python's json module does.
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ParseError({"error": _explain(body, exc)}) from None
+    # Depth can only exceed the limit when there are at least that many brackets.
+    if body.count(b"[") + body.count(b"{") > max_depth and _too_deep(value, max_depth):
+        raise ParseError({"error": f"Invalid JSON: nesting deeper than {max_depth} levels"})
+    return value
+
+
+def _explain(body: bytes, exc: orjson.JSONDecodeError) -> str:
+    """Explain a rejected body the way Python's json module does (slow path, bad input only)."""
     try:
         text = body.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ParseError({"error": f"Invalid UTF-8 encoding: {exc}"}) from None
+    except UnicodeDecodeError as error:
+        return f"Invalid UTF-8 encoding: {error}"
     try:
-        return json.loads(text)
-    except (json.JSONDecodeError, RecursionError, ValueError) as exc:
-        raise ParseError({"error": f"Invalid JSON: {exc}"}) from None
+        json.loads(text)
+    except (json.JSONDecodeError, RecursionError, ValueError) as error:
+        return f"Invalid JSON: {error}"
+    return f"Invalid JSON: {exc}"  # valid for Python, not for strict JSON (e.g. NaN)
+
+
+def _too_deep(value: Any, max_depth: int) -> bool:
+    level: list[Any] = [value]
+    for _ in range(max_depth):
+        level = [
+            child
+            for item in level
+            if isinstance(item, dict | list)
+            for child in (item.values() if isinstance(item, dict) else item)
+            if isinstance(child, dict | list)
+        ]
+        if not level:
+            return False
+    return True
 
 
 def _too_large(limit: int, size: int | None = None) -> HTTPError:

@@ -371,12 +371,19 @@ class Dispatcher:
             trace,
         )
         status, result = await self.run_skill(spec, task_input, envelope, request, task_id)
+        try:
+            final_chunk = orjson.dumps({"task_id": task_id, "result": result}).decode()
+        except TypeError as exc:  # a skill returned something JSON cannot carry
+            _log.exception("asap.response.unserializable")
+            status = TaskStatus.FAILED
+            error = {"error": self.safe_error(exc)}
+            final_chunk = orjson.dumps({"task_id": task_id, "result": error}).decode()
         yield self.reply(
             envelope,
             meta,
             "TaskStream",
             {
-                "chunk": orjson.dumps({"task_id": task_id, "result": result}).decode(),
+                "chunk": final_chunk,
                 "progress": 1.0,
                 "final": True,
                 "status": status.value,

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
-import orjson
 from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr, ValidationError
 
 from asap.errors import InvalidParamsError, InvalidRequestError, JsonRpcError, MethodNotFoundError
@@ -42,8 +42,11 @@ def request_id_of(frame: Any) -> str | int | None:
 
 
 def validation_errors(exc: ValidationError) -> list[dict[str, Any]]:
-    """Pydantic errors as JSON-safe dicts (``ctx`` values become strings)."""
-    return list(orjson.loads(exc.json()))
+    """Pydantic errors as JSON-safe dicts (``ctx`` values become strings).
+
+    The standard library parses pydantic's output because it may hold ``NaN``.
+    """
+    return list(json.loads(exc.json()))
 
 
 def parse_frame(frame: Any) -> dict[str, Any]:
