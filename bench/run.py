@@ -40,6 +40,12 @@ LUA = BENCH / "post.lua"
 HOST = "127.0.0.1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 ORDER = ["ours", "reference", "bare"]
+NOTES = {
+    "reference": "run as shipped: its CLI calls uvicorn.run() with defaults, so the access log "
+    "is on and, without uvloop/httptools in its venv, it runs on asyncio + h11; "
+    "ASAP_RATE_LIMIT lifts its default 10/second;100/minute limit (429s otherwise)",
+    "bare": "reads the body and returns a fixed echo-sized reply: the floor of the stack",
+}
 
 # Same body as bench/post.lua; used for the readiness/sanity request.
 BODY = (
@@ -122,7 +128,8 @@ class Target:
 def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def describe_stack(python: str) -> str:
@@ -195,18 +202,18 @@ def start(t: Target, port: int, cwd: Path, hint: str, logdir: Path, deadline_s: 
 
 
 def stop_all(targets: list[Target]) -> None:
-    live = [t for t in targets if t.proc and t.proc.poll() is None]
-    for t in live:
+    live = [t.proc for t in targets if t.proc and t.proc.poll() is None]
+    for proc in live:
         try:
-            os.killpg(t.proc.pid, signal.SIGTERM)
+            os.killpg(proc.pid, signal.SIGTERM)  # own session: uvicorn and anything it spawned
         except ProcessLookupError:
             pass
-    for t in live:
+    for proc in live:
         try:
-            t.proc.wait(timeout=10)
+            proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
-            os.killpg(t.proc.pid, signal.SIGKILL)
-            t.proc.wait()
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 # ---------------------------------------------------------------- load
@@ -219,11 +226,16 @@ def cpu_seconds(pid: int) -> float:
 
 
 def to_ms(value: str) -> float:
-    num, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m|h)", value).groups()
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m|h)", value)
+    if not m:
+        raise RuntimeError(f"unexpected wrk latency value {value!r}")
+    num, unit = m.groups()
     return float(num) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4, "h": 3.6e6}[unit]
 
 
-def wrk(port: int, conns: int, seconds: int, pid: int) -> dict[str, float]:
+def wrk(t: Target, conns: int, seconds: int) -> dict[str, float]:
+    assert t.proc is not None
+    port, pid = t.port, t.proc.pid
     argv = [
         "wrk",
         "-t1",
@@ -262,7 +274,7 @@ def wrk(port: int, conns: int, seconds: int, pid: int) -> dict[str, float]:
 
 
 def alive(t: Target) -> bool:
-    if not t.skipped and t.proc.poll() is not None:
+    if not t.skipped and t.proc is not None and t.proc.poll() is not None:
         code = t.proc.returncode
         t.skipped = f"server died during the benchmark (code {code}); last output:{log_tail(t)}"
     return not t.skipped
@@ -276,7 +288,7 @@ def median(t: Target, c: int, key: str) -> float:
 
 
 def errors(t: Target, c: int) -> int:
-    return sum(r["non2xx"] + r["rpc_errors"] + r["socket"] for r in t.runs[c])
+    return sum(int(r["non2xx"] + r["rpc_errors"] + r["socket"]) for r in t.runs[c])
 
 
 def tables(targets: list[Target], levels: list[int]) -> str:
@@ -334,10 +346,9 @@ def tables(targets: list[Target], levels: list[int]) -> str:
 def machine() -> list[str]:
     cpu = "unknown"
     try:
-        cpu = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M).group(
-            1
-        )
-    except (OSError, AttributeError):
+        m = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+        cpu = m.group(1) if m else platform.processor() or cpu
+    except OSError:
         cpu = platform.processor() or cpu
     wrk_v = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.splitlines()
     return [
@@ -376,6 +387,8 @@ def write_results(
     for t in targets:
         env = " ".join(f"{k}={v}" for k, v in t.env.items())
         out.append(f"- **{t.name}**: `{(env + ' ') if env else ''}{shlex.join(t.argv)}`")
+        if t.name in NOTES:
+            out.append(f"  - {NOTES[t.name]}")
         if t.stack:
             out.append(
                 f"  - {t.stack}" + (f"; reply {t.reply_bytes} bytes" if t.reply_bytes else "")
@@ -449,11 +462,11 @@ def main() -> int:
             for c in levels:
                 for t in targets:
                     if args.warmup > 0 and alive(t):
-                        wrk(t.port, c, args.warmup, t.proc.pid)
+                        wrk(t, c, args.warmup)
                 for i in range(args.runs):
                     for t in targets:
                         if alive(t):
-                            r = wrk(t.port, c, args.duration, t.proc.pid)
+                            r = wrk(t, c, args.duration)
                             t.runs.setdefault(c, []).append(r)
                             print(
                                 f"bench: {t.name:9} c={c:<3} run {i + 1}/{args.runs}: "
