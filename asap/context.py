@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,7 +11,13 @@ from asap.models.envelope import Envelope
 from asap.models.ids import generate_id
 from asap.models.payloads import TaskRequest
 
-__all__ = ["Context"]
+__all__ = ["Context", "current_deadline"]
+
+current_deadline: ContextVar[float | None] = ContextVar("asap_deadline", default=None)
+"""The ``time.monotonic()`` deadline of the task running in this context, if any.
+
+Set while a skill runs; the client reads it so a call made inside a skill never outlives it.
+"""
 
 
 @dataclass
@@ -30,6 +37,10 @@ class Context:
     logger: Any
     client: Any
     deadline: float | None = None
+    peers: dict[str, str] = field(default_factory=dict)
+    """Agents this one may call (``ASAP_PEERS``): name -> base URL."""
+    settings: Any = None
+    """The agent's :class:`~asap.settings.Settings`."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def time_left(self) -> float | None:

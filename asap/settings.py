@@ -6,10 +6,13 @@ Each field's environment variable is ``ASAP_`` + its name in upper case (``agent
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
+from urllib.parse import urlsplit
 
 from asap.errors import ConfigurationError
 from asap.models.envelope import validate_agent_urn
@@ -17,6 +20,7 @@ from asap.models.envelope import validate_agent_urn
 __all__ = ["Settings", "DEFAULT_SKILL_MODULES"]
 
 DEFAULT_SKILL_MODULES = ("skills",)
+_PEER_NAME = re.compile(r"^[a-z0-9-]+$")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -41,6 +45,26 @@ class Settings:
     """Requests per client, e.g. ``"100/second;5000/minute"`` (spec 3.10); unset: no limit."""
     max_envelope_age_seconds: int = 300
     max_future_tolerance_seconds: int = 30
+    task_timeout_seconds: int | None = None
+    """Deadline of a task whose request gives no ``config.timeout_seconds``; unset: none."""
+    idempotency_ttl_seconds: int = 3600
+    """How long the outcome of a request with an idempotency key is kept."""
+    idempotency_max_entries: int = 10_000
+    """Most outcomes kept at once (oldest dropped first)."""
+    peers: str | None = None
+    """Agents this one may call, ``name=url,name=url`` or a JSON object; see :meth:`peer_urls`."""
+    client_max_retries: int = 3
+    """Attempts per outgoing call (1 = no retry)."""
+    client_base_delay: float = 0.1
+    client_max_delay: float = 2.0
+    client_breaker_threshold: int = 5
+    """Consecutive failures that open the circuit to a peer."""
+    client_breaker_timeout: float = 30.0
+    """Seconds an open circuit waits before letting a probe through."""
+    max_plan_steps: int = 100
+    """Largest orchestration plan accepted."""
+    max_fan_out: int = 16
+    """Most sub-requests one orchestration has in flight at once."""
     debug: bool = False
     """Put exception types and tracebacks in error replies. Never in production."""
     log_format: str = "console"
@@ -53,9 +77,24 @@ class Settings:
             validate_agent_urn(self.agent_id)
         except ValueError as exc:
             raise ConfigurationError(f"ASAP_AGENT_ID: {exc}") from None
-        for name in ("max_request_size", "max_batch_size", "max_envelope_age_seconds"):
+        for name in (
+            "max_request_size",
+            "max_batch_size",
+            "max_envelope_age_seconds",
+            "idempotency_ttl_seconds",
+            "idempotency_max_entries",
+            "client_max_retries",
+            "client_breaker_threshold",
+            "max_plan_steps",
+            "max_fan_out",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigurationError(f"ASAP_{name.upper()} must be at least 1")
+        self.peer_urls()
+
+    def peer_urls(self) -> dict[str, str]:
+        """``ASAP_PEERS`` as a name -> base URL mapping (validated at start-up)."""
+        return _parse_peers(self.peers)
 
     def with_overrides(self, **overrides: Any) -> Settings:
         """A copy with the given fields replaced (``None`` values are ignored)."""
@@ -84,6 +123,11 @@ def _parse(name: str, kind: Any, raw: str) -> Any:
         if lowered in _FALSE:
             return False
         raise ConfigurationError(f"ASAP_{name.upper()} must be true or false, got {raw!r}")
+    if kind.startswith("float"):
+        try:
+            return float(raw)
+        except ValueError:
+            raise ConfigurationError(f"ASAP_{name.upper()} must be a number, got {raw!r}") from None
     if kind.startswith("int"):
         try:
             return int(raw)
@@ -93,6 +137,42 @@ def _parse(name: str, kind: Any, raw: str) -> Any:
             ) from None
     if kind.startswith("tuple"):
         return tuple(part.strip() for part in raw.split(",") if part.strip())
-    if kind.startswith("str | None"):
-        return raw or None
+    if kind.startswith("str | None") or kind.startswith("int | None"):
+        if not raw:
+            return None
+        return int(raw) if kind.startswith("int") and raw.isdigit() else raw
     return raw
+
+
+def _parse_peers(spec: str | None) -> dict[str, str]:
+    if not spec or not spec.strip():
+        return {}
+    text = spec.strip()
+    if text.startswith("{"):
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigurationError(f"ASAP_PEERS is not valid JSON: {exc}") from None
+        if not isinstance(raw, dict) or not all(isinstance(v, str) for v in raw.values()):
+            raise ConfigurationError(
+                'ASAP_PEERS as JSON must map names to URLs: {"a": "http://..."}'
+            )
+        pairs = list(raw.items())
+    else:
+        pairs = []
+        for item in filter(None, (part.strip() for part in text.split(","))):
+            name, sep, url = item.partition("=")
+            if not sep:
+                raise ConfigurationError(f"ASAP_PEERS: {item!r} is not name=url")
+            pairs.append((name.strip(), url.strip()))
+    peers: dict[str, str] = {}
+    for name, url in pairs:
+        if not _PEER_NAME.match(name):
+            raise ConfigurationError(
+                f"ASAP_PEERS: peer name {name!r} must be lowercase letters, digits and '-'"
+            )
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigurationError(f"ASAP_PEERS: {name}={url!r} is not an http(s) URL")
+        peers[name] = url.rstrip("/")
+    return peers

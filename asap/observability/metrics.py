@@ -74,6 +74,11 @@ class Metrics:
             "Total number of request bodies that were not JSON",
             registry=registry,
         )
+        self.idempotent_replays = Counter(
+            "asap_idempotent_replays",
+            "Requests answered from a stored outcome",
+            registry=registry,
+        )
         self.request_duration = Histogram(
             "asap_request_duration_seconds",
             "Time to answer an ASAP request",

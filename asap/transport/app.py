@@ -34,6 +34,7 @@ from asap.transport.dispatch import Dispatcher, RequestMeta
 from asap.transport.jsonrpc import error_reply, request_id_of
 from asap.transport.pool import ClientPool
 from asap.transport.ratelimit import RateLimiter, parse_rate_limit
+from asap.transport.resilience import RetryConfig, resilient_transport
 
 __all__ = ["SUPPORTED_TRANSPORT_VERSIONS", "DEFAULT_TRANSPORT_VERSION", "create_app"]
 
@@ -188,7 +189,17 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        pool = ClientPool(httpx.AsyncClient(timeout=60.0), require_https=False)
+        retry = RetryConfig(
+            max_retries=settings.client_max_retries,
+            base_delay=settings.client_base_delay,
+            max_delay=settings.client_max_delay,
+            circuit_breaker_enabled=True,
+            circuit_breaker_threshold=settings.client_breaker_threshold,
+            circuit_breaker_timeout=settings.client_breaker_timeout,
+        )
+        http = httpx.AsyncClient(transport=resilient_transport(retry), timeout=60.0)
+        # Peers come from the operator's configuration, so plain HTTP is allowed to them.
+        pool = ClientPool(http, require_https=False)
         dispatcher.client = pool
         _log.info(
             "asap.server.started",

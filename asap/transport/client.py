@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
@@ -24,6 +25,7 @@ import httpx
 import orjson
 from pydantic import ValidationError
 
+from asap.context import current_deadline
 from asap.errors import (
     ASAPConnectionError,
     ASAPTimeoutError,
@@ -34,10 +36,11 @@ from asap.errors import (
 from asap.models.entities import HealthStatus, Manifest
 from asap.models.envelope import Envelope
 from asap.models.ids import generate_id
-from asap.models.payloads import CORRELATED_PAYLOAD_TYPES
+from asap.models.payloads import CORRELATED_PAYLOAD_TYPES, TaskRequest, TaskRequestConfig
 from asap.observability.logging import get_logger
+from asap.transport.resilience import DEADLINE_EXTENSION, RetryConfig, resilient_transport
 
-__all__ = ["ASAPClient", "LOCAL_HOSTS", "MANIFEST_PATH", "HEALTH_PATH"]
+__all__ = ["ASAPClient", "HEALTH_PATH", "LOCAL_HOSTS", "MANIFEST_PATH", "RetryConfig"]
 
 LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 MANIFEST_PATH = "/.well-known/asap/manifest.json"
@@ -68,6 +71,7 @@ class ASAPClient:
         pool_connections: int = 100,
         pool_maxsize: int = 100,
         headers: dict[str, str] | None = None,
+        retry_config: RetryConfig | None = None,
     ) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -85,7 +89,6 @@ class ASAPClient:
         self.compression_threshold = compression_threshold
         self.supported_transport_versions = tuple(supported_transport_versions)
         self.last_response_asap_version: str | None = None
-        self._transport = transport
         self._http = http_client
         self._owns_http = http_client is None
         self._limits = httpx.Limits(
@@ -93,6 +96,10 @@ class ASAPClient:
             max_keepalive_connections=pool_maxsize,
             keepalive_expiry=5.0,
         )
+        self.retry_config = retry_config
+        if retry_config is not None and http_client is None:
+            transport = resilient_transport(retry_config, transport, limits=self._limits)
+        self._transport = transport
         self._headers = {
             "accept": "application/json",
             "accept-encoding": "br, gzip, identity",
@@ -144,24 +151,34 @@ class ASAPClient:
                 headers["content-encoding"] = "br"
         return body, headers
 
+    def _deadline(self, timeout: float | None) -> float:
+        """This call's deadline: its own timeout, capped by the running task's deadline."""
+        own = time.monotonic() + (timeout if timeout is not None else self.timeout)
+        inherited = current_deadline.get()
+        return own if inherited is None else min(own, inherited)
+
     async def _post(
-        self, path: str, body: bytes, headers: dict[str, str], timeout: float | None
+        self, path: str, body: bytes, headers: dict[str, str], deadline: float
     ) -> httpx.Response:
         if self._http is None:
             raise ASAPConnectionError(
                 "Client not connected: use 'async with ASAPClient(...) as client'"
             )
         url = self.base_url + path
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ASAPTimeoutError(f"Deadline passed before calling {url}", {"url": url})
         try:
             response = await self._http.post(
                 url,
                 content=body,
                 headers={**self._headers, **headers},
-                timeout=timeout if timeout is not None else self.timeout,
+                timeout=remaining,
+                extensions={DEADLINE_EXTENSION: deadline},
             )
         except httpx.TimeoutException as exc:
             raise ASAPTimeoutError(
-                f"Request timeout after {timeout or self.timeout}s: {url}", {"url": url}
+                f"Request timeout after {remaining:.3g}s: {url}", {"url": url}
             ) from exc
         except httpx.HTTPError as exc:
             raise ASAPConnectionError(
@@ -172,14 +189,33 @@ class ASAPClient:
             raise _http_status_error(url, response)
         return response
 
-    async def send(self, envelope: Envelope, *, timeout: float | None = None) -> Envelope:
+    async def send(
+        self,
+        envelope: Envelope,
+        *,
+        timeout: float | None = None,
+        idempotency_key: str | None = None,
+    ) -> Envelope:
         """Send one envelope with ``asap.send`` and return the reply envelope.
+
+        ``timeout`` bounds this call (default: the client's). Inside a skill the call also ends
+        by the running task's deadline. With either, a ``task.request`` tells the remote in
+        ``config.timeout_seconds`` how long it may run (spec 2.1).
+
+        The idempotency key (``idempotency_key``, else ``config.idempotency_key``, else a new
+        ULID) is sent in ``params`` and ``X-Idempotency-Key`` and stays the same on retries.
 
         The reply must be bound to the request: a response payload whose ``correlation_id``
         is not ``envelope.id`` raises :class:`ProtocolCorrelationError`. A JSON-RPC error
         reply raises :class:`RemoteRPCError` with its code, message, data and recoverability.
         """
-        idempotency_key = generate_id()
+        deadline = self._deadline(timeout)
+        if timeout is not None or current_deadline.get() is not None:
+            envelope = _with_deadline(envelope, deadline)
+        config = getattr(envelope.payload, "config", None)
+        idempotency_key = (
+            idempotency_key or getattr(config, "idempotency_key", None) or generate_id()
+        )
         frame = {
             "jsonrpc": "2.0",
             "method": "asap.send",
@@ -197,7 +233,7 @@ class ASAPClient:
             envelope_id=envelope.id,
             payload_type=envelope.payload_type,
         )
-        response = await self._post("/asap", body, headers, timeout)
+        response = await self._post("/asap", body, headers, deadline)
         reply = _reply_envelope(self.base_url, _decode_json(response))
         _check_correlation(envelope, reply)
         _log.debug("asap.client.response", url=self.base_url, envelope_id=reply.id)
@@ -230,7 +266,7 @@ class ASAPClient:
         ]
         # The reference server cannot read a compressed batch (spec 3.7): send it plain.
         body, headers = self._encode(frames, compress=False)
-        response = await self._post("/asap", body, headers, None)
+        response = await self._post("/asap", body, headers, self._deadline(None))
         data = _decode_json(response)
         if isinstance(data, dict):  # a whole-batch error (empty or too large)
             _reply_envelope(self.base_url, data)
@@ -293,6 +329,20 @@ class ASAPClient:
             return HealthStatus.model_validate(data)
         except ValidationError as exc:
             raise MalformedEnvelopeError(f"Malformed health status from {root}: {exc}") from exc
+
+
+def _with_deadline(envelope: Envelope, deadline: float) -> Envelope:
+    """Tell the remote how long a task may run: at most the time we will wait (whole seconds,
+    at least 1, as ``TaskRequest.config.timeout_seconds`` is an integer)."""
+    request = envelope.payload
+    if not isinstance(request, TaskRequest):
+        return envelope
+    budget = max(1, int(deadline - time.monotonic()))
+    config = request.config or TaskRequestConfig()
+    if config.timeout_seconds is not None and config.timeout_seconds <= budget:
+        return envelope
+    config = config.model_copy(update={"timeout_seconds": budget})
+    return envelope.model_copy(update={"payload": request.model_copy(update={"config": config})})
 
 
 def _http_status_error(url: str, response: httpx.Response) -> ASAPConnectionError:

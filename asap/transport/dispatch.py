@@ -8,11 +8,12 @@ becomes an HTTP 500.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 import time
 import traceback
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any
@@ -22,9 +23,10 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from structlog.contextvars import bound_contextvars
 
-from asap.context import Context
+from asap.context import Context, current_deadline
 from asap.errors import (
     ASAPError,
+    ASAPTimeoutError,
     HandlerNotFoundError,
     InternalError,
     InvalidParamsError,
@@ -43,6 +45,7 @@ from asap.observability.logging import get_logger
 from asap.observability.metrics import Metrics, payload_label
 from asap.registry import SkillRegistry, SkillSpec
 from asap.settings import Settings
+from asap.transport.idempotency import IdempotencyRecord, IdempotencyStore, MemoryIdempotencyStore
 from asap.transport.jsonrpc import (
     error_reply,
     parse_frame,
@@ -77,6 +80,12 @@ class RequestMeta:
     idempotency_key: str | None = None
 
 
+def request_fingerprint(request: TaskRequest) -> str:
+    """What makes two requests the same request, for idempotency."""
+    material = [request.skill_id, request.conversation_id, request.input]
+    return hashlib.sha256(orjson.dumps(material, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
 def _otel_trace_id(envelope: Envelope, meta: RequestMeta) -> str:
     """The W3C trace id this request joins, or a new one (spec 6.3)."""
     if meta.traceparent:
@@ -104,6 +113,10 @@ class Dispatcher:
         self.registry = registry
         self.manifest = manifest
         self.metrics = metrics or Metrics()
+        self.peers = settings.peer_urls()
+        self.idempotency: IdempotencyStore = MemoryIdempotencyStore(
+            settings.idempotency_ttl_seconds, settings.idempotency_max_entries
+        )
         self.client: Any = None  # the shared ClientPool, set by the lifespan
 
     # -- whole bodies --------------------------------------------------------------------
@@ -125,7 +138,8 @@ class Dispatcher:
     async def _batch_item(self, item: Any, meta: RequestMeta) -> dict[str, Any]:
         if not isinstance(item, dict):
             return error_reply(InvalidRequestError(None), None)
-        return await self.handle_frame(item, meta)
+        # One header cannot key many requests: batch items use their own params key only.
+        return await self.handle_frame(item, replace(meta, idempotency_key=None))
 
     async def handle_frame(self, frame: Any, meta: RequestMeta) -> dict[str, Any]:
         """Answer one JSON-RPC request object; never raises."""
@@ -135,6 +149,9 @@ class Dispatcher:
         try:
             envelope = self.prepare(frame)
             payload_key = envelope.payload_key
+            params_key = frame["params"].get("idempotency_key")
+            if isinstance(params_key, str) and params_key:
+                meta = replace(meta, idempotency_key=params_key)
             reply = await self.dispatch(envelope, meta)
             self.count(payload_key, started)
             return success_reply(reply, request_id)
@@ -227,16 +244,32 @@ class Dispatcher:
         request: TaskRequest = envelope.payload
         spec = self.find_skill(request.skill_id)
         task_input = spec.parse_input(request.input)
-        task_id = generate_task_id()
-        status, result = await self.run_skill(spec, task_input, envelope, request, task_id)
+
+        async def execute() -> IdempotencyRecord:
+            task_id = generate_task_id()
+            status, result = await self.run_skill(spec, task_input, envelope, request, task_id)
+            return IdempotencyRecord(fingerprint, task_id, status.value, result)
+
+        key = (request.config and request.config.idempotency_key) or meta.idempotency_key
+        fingerprint = ""
+        if key:
+            fingerprint = request_fingerprint(request)
+            record, replayed = await self.idempotency.run_once(
+                f"{envelope.sender} {key}", fingerprint, execute
+            )
+            if replayed:
+                self.metrics.idempotent_replays.inc()
+                _log.info("asap.request.replayed", idempotency_key=key, task_id=record.task_id)
+        else:
+            record = await execute()
         return self.reply(
             envelope,
             meta,
             "task.response",
             {
-                "task_id": task_id,
-                "status": status.value,
-                "result": result,
+                "task_id": record.task_id,
+                "status": record.status,
+                "result": record.result,
                 "final_state": None,
                 "metrics": None,
             },
@@ -253,7 +286,7 @@ class Dispatcher:
         self, spec: SkillSpec, envelope: Envelope, request: TaskRequest, task_id: str
     ) -> Context:
         """The :class:`Context` a skill receives for one task."""
-        timeout = request.config.timeout_seconds if request.config else None
+        timeout = self.task_timeout(request)
         logger = get_logger("asap.skill")
         return Context(
             task_id=task_id,
@@ -265,7 +298,14 @@ class Dispatcher:
             logger=logger,
             client=self.client,
             deadline=time.monotonic() + timeout if timeout else None,
+            peers=self.peers,
+            settings=self.settings,
         )
+
+    def task_timeout(self, request: TaskRequest) -> int | None:
+        """Seconds a task may run: the request's ``timeout_seconds``, else the agent default."""
+        requested = request.config.timeout_seconds if request.config else None
+        return requested or self.settings.task_timeout_seconds
 
     async def run_skill(
         self,
@@ -279,22 +319,38 @@ class Dispatcher:
         ctx = self.make_context(spec, envelope, request, task_id)
         args = (task_input, ctx) if spec.takes_context else (task_input,)
         started = time.perf_counter()
+        timeout = self.task_timeout(request)
+        deadline_token = current_deadline.set(ctx.deadline)
         with bound_contextvars(
             trace_id=envelope.trace_id,
             correlation_id=envelope.id,
             skill_id=spec.id,
             task_id=task_id,
         ):
+            limit = asyncio.timeout(timeout)
             try:
-                if spec.is_async:
-                    value = await spec.func(*args)
-                else:
-                    value = await run_in_threadpool(partial(spec.func, *args))
+                async with limit:
+                    if spec.is_async:
+                        value = await spec.func(*args)
+                    else:
+                        # A thread cannot be stopped: past the deadline we answer and stop
+                        # waiting, and the thread finishes on its own.
+                        value = await run_in_threadpool(partial(spec.func, *args))
                 result = spec.dump_output(value)
                 status = TaskStatus.COMPLETED
+            except TimeoutError as exc:
+                if not limit.expired():
+                    raise
+                _log.warning("asap.handler.timeout", timeout_seconds=timeout)
+                status, result = (
+                    TaskStatus.FAILED,
+                    {"error": self.deadline_error(spec, timeout, exc)},
+                )
             except Exception as exc:
                 _log.exception("asap.handler.error", error_type=type(exc).__name__)
                 status, result = TaskStatus.FAILED, {"error": self.safe_error(exc)}
+            finally:
+                current_deadline.reset(deadline_token)
             elapsed = time.perf_counter() - started
             _log.info(
                 "asap.request.processed", status=status.value, duration_ms=round(elapsed * 1000, 3)
@@ -305,6 +361,14 @@ class Dispatcher:
         if status is TaskStatus.FAILED:
             self.metrics.handler_errors.labels(label).inc()
         return status, result
+
+    def deadline_error(self, spec: SkillSpec, timeout: int | None) -> dict[str, Any]:
+        """The error of a task cancelled at its deadline."""
+        error = ASAPTimeoutError(
+            f"Skill '{spec.id}' did not finish within {timeout} s and was cancelled",
+            {"timeout_seconds": timeout},
+        )
+        return self.safe_error(error)
 
     def safe_error(self, exc: BaseException) -> dict[str, Any]:
         """What a caller learns about a skill's exception: type and message (traceback: debug)."""

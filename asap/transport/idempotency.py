@@ -1,0 +1,144 @@
+"""Run each idempotent request once (spec pitfall 7; the reference ignores the key).
+
+A request's key is ``config.idempotency_key``, else ``params.idempotency_key``, else the
+``X-Idempotency-Key`` header, scoped by sender. The first request with a key runs; a later one
+gets the stored outcome; one that arrives while the first is still running waits for it. A key
+reused for a different request is refused rather than answered with another request's result.
+
+:class:`IdempotencyStore` is the interface; :class:`MemoryIdempotencyStore` keeps records in
+one process, bounded by a TTL and an entry cap (oldest evicted first).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from asap.errors import InvalidParamsError
+
+__all__ = ["IdempotencyRecord", "IdempotencyStore", "MemoryIdempotencyStore", "key_reused"]
+
+
+@dataclass(frozen=True)
+class IdempotencyRecord:
+    """The stored outcome of a request: what its reply carried."""
+
+    fingerprint: str
+    task_id: str
+    status: str
+    result: dict[str, Any] | None
+
+
+def key_reused(key: str) -> InvalidParamsError:
+    """The error for a key that already belongs to a different request."""
+    return InvalidParamsError(
+        {
+            "error": "Idempotency key reused for a different request",
+            "idempotency_key": key,
+        }
+    )
+
+
+class IdempotencyStore(ABC):
+    """Where outcomes of idempotent requests live."""
+
+    @abstractmethod
+    async def run_once(
+        self,
+        key: str,
+        fingerprint: str,
+        compute: Callable[[], Awaitable[IdempotencyRecord]],
+    ) -> tuple[IdempotencyRecord, bool]:
+        """Return the outcome for ``key`` and whether it is a replay.
+
+        Runs ``compute`` only if no outcome is stored or being computed; a concurrent caller
+        waits for the one running. Raises :func:`key_reused` when ``fingerprint`` differs.
+        If ``compute`` raises, nothing is stored and waiters compete to run it again.
+        """
+
+
+@dataclass
+class _Entry:
+    fingerprint: str
+    expires: float
+    record: IdempotencyRecord | None = None
+    running: asyncio.Future[IdempotencyRecord] | None = None
+
+
+class MemoryIdempotencyStore(IdempotencyStore):
+    """Records in this process, at most ``max_entries``, each kept ``ttl`` seconds."""
+
+    def __init__(
+        self,
+        ttl: float = 3600.0,
+        max_entries: int = 10_000,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if ttl <= 0 or max_entries < 1:
+            raise ValueError("ttl must be positive and max_entries at least 1")
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self.clock = clock
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _get(self, key: str) -> _Entry | None:
+        entry = self._entries.get(key)
+        if entry is not None and entry.running is None and entry.expires <= self.clock():
+            del self._entries[key]
+            return None
+        return entry
+
+    def _evict(self) -> None:
+        while len(self._entries) > self.max_entries:
+            oldest_key = next(iter(self._entries))
+            if self._entries[oldest_key].running is not None:
+                self._entries.move_to_end(oldest_key)  # never drop a request in flight
+                if all(e.running is not None for e in self._entries.values()):
+                    return
+                continue
+            del self._entries[oldest_key]
+
+    async def run_once(
+        self,
+        key: str,
+        fingerprint: str,
+        compute: Callable[[], Awaitable[IdempotencyRecord]],
+    ) -> tuple[IdempotencyRecord, bool]:
+        while True:
+            entry = self._get(key)
+            if entry is None:
+                break
+            if entry.fingerprint != fingerprint:
+                raise key_reused(key)
+            if entry.record is not None:
+                return entry.record, True
+            assert entry.running is not None
+            try:
+                return await asyncio.shield(entry.running), True
+            except Exception:
+                continue  # the first run failed: try again (one waiter will run it)
+        future: asyncio.Future[IdempotencyRecord] = asyncio.get_running_loop().create_future()
+        entry = _Entry(fingerprint, self.clock() + self.ttl, running=future)
+        self._entries[key] = entry
+        try:
+            record = await compute()
+        except BaseException as exc:
+            if self._entries.get(key) is entry:
+                del self._entries[key]
+            future.set_exception(exc if isinstance(exc, Exception) else RuntimeError("cancelled"))
+            future.exception()  # mark retrieved: waiters may not exist
+            raise
+        entry.record, entry.running = record, None
+        entry.expires = self.clock() + self.ttl
+        future.set_result(record)
+        self._evict()
+        return record, False
