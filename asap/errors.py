@@ -26,6 +26,7 @@ Each error knows its JSON-RPC code and, for ASAP errors, its taxonomy URI (spec 
     ├── ASAPConnectionError               -32032  asap:transport/connection_error (recoverable)
     │   └── ASAPTimeoutError              -32033  asap:transport/timeout (recoverable)
     ├── RemoteRPCError                    -32034  an error reply from a remote agent
+    ├── TaskFailedError                   a skill fails its task, with data
     └── ConfigurationError                start-up misconfiguration, never on the wire
 
 ``SkillNotFoundError`` is our addition: the reference silently runs echo for any ``skill_id``.
@@ -58,6 +59,7 @@ __all__ = [
     "RemoteRPCError",
     "SkillNotFoundError",
     "TaskAlreadyCompletedError",
+    "TaskFailedError",
     "TaskNotFoundError",
     "ThreadPoolExhaustedError",
     "UnsupportedAuthSchemeError",
@@ -375,6 +377,18 @@ class RemoteRPCError(ASAPError):
 
 
 ASAPRemoteError = RemoteRPCError
+
+
+class TaskFailedError(ASAPError):
+    """Raised by a skill to fail its task and still return data.
+
+    The reply's ``result`` is ``{"error": {...}, **result}``: the error plus what the skill
+    wants the caller to see (an orchestration returns its partial state this way).
+    """
+
+    def __init__(self, message: str, result: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.result = result or {}
 
 
 class ConfigurationError(ASAPError):

@@ -924,6 +924,7 @@ def test_every_asap_error_class_is_in_the_table() -> None:
         errors_module.JsonRpcError,
         errors_module.HTTPError,
         errors_module.ConfigurationError,
+        errors_module.TaskFailedError,  # never on the wire as an error: a failed task
         RemoteRPCError,  # carries the remote's code; tested below
     }
     classes = {

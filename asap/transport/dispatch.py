@@ -34,6 +34,7 @@ from asap.errors import (
     InvalidTimestampError,
     MethodNotFoundError,
     SkillNotFoundError,
+    TaskFailedError,
 )
 from asap.models.base import format_timestamp
 from asap.models.entities import Manifest
@@ -339,13 +340,17 @@ class Dispatcher:
                 result = spec.dump_output(value)
                 status = TaskStatus.COMPLETED
             except TimeoutError as exc:
-                if not limit.expired():
-                    raise
-                _log.warning("asap.handler.timeout", timeout_seconds=timeout)
-                status, result = (
-                    TaskStatus.FAILED,
-                    {"error": self.deadline_error(spec, timeout, exc)},
-                )
+                if limit.expired():
+                    _log.warning("asap.handler.timeout", timeout_seconds=timeout)
+                    error = self.deadline_error(spec, timeout)
+                else:  # the skill's own timeout, not our deadline
+                    _log.exception("asap.handler.error", error_type=type(exc).__name__)
+                    error = self.safe_error(exc)
+                status, result = TaskStatus.FAILED, {"error": error}
+            except TaskFailedError as exc:
+                _log.warning("asap.handler.failed", error=exc.message)
+                error = {"type": type(exc).__name__, "message": exc.message}
+                status, result = TaskStatus.FAILED, {"error": error, **exc.result}
             except Exception as exc:
                 _log.exception("asap.handler.error", error_type=type(exc).__name__)
                 status, result = TaskStatus.FAILED, {"error": self.safe_error(exc)}

@@ -149,7 +149,7 @@ def test_uvicorn_asap_server_app_serves_shipped_skills(tmp_path: Path) -> None:
     ) as agent:
         manifest = httpx.get(agent.url + "/.well-known/asap/manifest.json").json()
     assert manifest["id"] == "urn:asap:agent:default-server"
-    assert [s["id"] for s in manifest["capabilities"]["skills"]] == ["echo"]
+    assert [s["id"] for s in manifest["capabilities"]["skills"]] == ["echo", "orchestrate"]
 
 
 def test_duplicate_skill_stops_start_up_with_a_clear_message(tmp_path: Path) -> None:
