@@ -6,7 +6,8 @@ deadline propagation) and carries an idempotency key derived from the orchestrat
 step, the peer and the attempt, so a resend never runs a step twice on a worker.
 
 Per step an error policy decides what a failure means: ``fail`` the orchestration, ``retry``
-the step, ``fallback`` to other peers in order, or ``skip`` it. Only peers named in the agent's
+the step, ``fallback`` to other peers in order, or ``skip`` it. A step still failing after
+its retries or fallbacks fails the orchestration; only ``skip`` lets it go on. Only peers named in the agent's
 configuration (``ASAP_PEERS``) can be called.
 """
 
@@ -236,7 +237,7 @@ class Orchestrator:
             self.state.step = step.id
             outcome = await self._attempt_all(step, data)
         self.state.results[step.id] = outcome
-        if outcome.status == "failed" and step.on_error is ErrorPolicy.FAIL:
+        if outcome.status == "failed":  # 'retry' and 'fallback' fail too once exhausted
             self.state.error = f"step {step.id!r} failed: {outcome.error}"
             self.state.step = f"failed_at_{step.id}"
             raise _Abort(step.id)
