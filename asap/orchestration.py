@@ -7,8 +7,8 @@ step, the peer and the attempt, so a resend never runs a step twice on a worker.
 
 Per step an error policy decides what a failure means: ``fail`` the orchestration, ``retry``
 the step, ``fallback`` to other peers in order, or ``skip`` it. A step still failing after
-its retries or fallbacks fails the orchestration; only ``skip`` lets it go on. Only peers named in the agent's
-configuration (``ASAP_PEERS``) can be called.
+its retries or fallbacks fails the orchestration; only ``skip`` lets it go on. Only peers named
+in the agent's configuration (``ASAP_PEERS``) can be called.
 """
 
 from __future__ import annotations

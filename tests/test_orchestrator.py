@@ -55,10 +55,15 @@ def agents(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Agent
             agent.stop()
 
 
+def set_faults(agents: dict[str, AgentProcess], name: str, **faults: int) -> None:
+    """Set a worker's faults and reset its counters."""
+    httpx.post(agents[name].url + "/_faults", json=faults).raise_for_status()
+
+
 @pytest.fixture(autouse=True)
 def clean(agents: dict[str, AgentProcess]) -> None:
     for name in ("worker-a", "worker-b"):
-        httpx.post(agents[name].url + "/_faults", json={}).raise_for_status()
+        set_faults(agents, name)
 
 
 def stats(agents: dict[str, AgentProcess], name: str) -> dict[str, Any]:
@@ -135,7 +140,7 @@ async def test_parallel_fan_out_is_concurrent_and_bounded(agents: dict[str, Agen
     assert stats(agents, "worker-a")["max_running"] == 3
     assert elapsed < 6 * 0.3  # not sequential
     plan["max_concurrency"] = 50  # above the agent's ASAP_MAX_FAN_OUT of 4
-    httpx.post(agents["worker-a"].url + "/_faults", json={}).raise_for_status()
+    set_faults(agents, "worker-a")
     await orchestrate(agents, plan)
     assert stats(agents, "worker-a")["max_running"] == 4
 
@@ -177,7 +182,7 @@ async def test_retry_policy_rides_out_a_failing_task(agents: dict[str, AgentProc
 async def test_http_failures_are_retried_without_running_twice(
     agents: dict[str, AgentProcess],
 ) -> None:
-    httpx.post(agents["worker-a"].url + "/_faults", json={"lose_reply": 1}).raise_for_status()
+    set_faults(agents, "worker-a", lose_reply=1)
     reply = await orchestrate(agents, {"steps": [step("once")]})
     assert reply.payload.status == "completed"
     assert stats(agents, "worker-a")["executions"] == {"once": 1}
