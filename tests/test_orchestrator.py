@@ -26,7 +26,7 @@ def agents(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Agent
         for name in ("worker-a", "worker-b"):
             port = free_port()
             started[name] = AgentProcess(
-                ["-m", "uvicorn", "tests.fault_worker:app", "--port", str(port)],
+                ["-m", "uvicorn", "asap.examples.flaky_worker:app", "--port", str(port)],
                 port,
                 env={"ASAP_AGENT_ID": f"urn:asap:agent:{name}", "ASAP_LOG_LEVEL": "WARNING"},
                 log_path=logs / f"{name}.log",

@@ -1,6 +1,6 @@
 """Retries, circuit breakers, deadlines and idempotency, against real worker processes.
 
-The worker (``tests/fault_worker.py``) injects HTTP 500s, lost replies and flapping on demand
+The worker (``asap/examples/flaky_worker.py``) injects HTTP 500s, lost replies and flapping on demand
 and counts how often its skill really ran, so "no sub-task ran twice" is measured on the worker.
 """
 
@@ -194,7 +194,7 @@ async def test_breaker_opens_without_touching_the_network() -> None:
 def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
     port = free_port()
     with AgentProcess(
-        ["-m", "uvicorn", "tests.fault_worker:app", "--port", str(port)],
+        ["-m", "uvicorn", "asap.examples.flaky_worker:app", "--port", str(port)],
         port,
         env={"ASAP_AGENT_ID": "urn:asap:agent:worker", "ASAP_LOG_LEVEL": "WARNING"},
         log_path=tmp_path_factory.mktemp("worker") / "worker.log",
@@ -340,7 +340,7 @@ async def test_worker_down_then_breaker_then_recovery(tmp_path: Path) -> None:
             await client.send(work("down"))
         assert len(recorder.sent) == 4  # refused without touching the network
         with AgentProcess(
-            ["-m", "uvicorn", "tests.fault_worker:app", "--port", str(port)],
+            ["-m", "uvicorn", "asap.examples.flaky_worker:app", "--port", str(port)],
             port,
             log_path=tmp_path / "late.log",
         ):

@@ -1,4 +1,8 @@
-"""A worker agent whose faults the tests switch on and off: ``uvicorn tests.fault_worker:app``.
+"""A worker agent that fails on demand: ``uvicorn asap.examples.flaky_worker:app``.
+
+Used by the ``error_recovery`` example and by the fault-injection tests. Its skill ``work``
+counts executions per ``input["tag"]``, sleeps ``input["seconds"]`` (cancellable) and fails
+when ``input["fail"]`` is true.
 
 ``POST /_faults`` sets faults (JSON, every key optional) and resets the counters:
   ``http_500``: answer the next N ``POST /asap`` with HTTP 500 before processing them;
@@ -22,13 +26,17 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from asap import Context, SkillRegistry, skill
 from asap.transport.app import create_app
 
+__all__ = ["app", "build", "work"]
+
 STATE: dict[str, Any] = {}
 
 
 def reset(faults: dict[str, int] | None = None) -> None:
+    """Clear the counters and set the faults."""
     STATE.clear()
     STATE.update(
         http_500=0,
+        injected=0,
         lose_reply=0,
         flap=0,
         seen=0,
@@ -71,6 +79,8 @@ async def work(data: dict[str, Any], ctx: Context) -> dict[str, Any]:
 
 
 class FaultMiddleware:
+    """Injects the configured HTTP-level faults into ``POST /asap``."""
+
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
@@ -80,12 +90,14 @@ class FaultMiddleware:
             return
         STATE["seen"] += 1
         if STATE["http_500"] > 0:
+            STATE["injected"] += 1
             STATE["http_500"] -= 1
             await Response("injected failure", 500)(scope, receive, send)
             return
         if STATE["flap"]:
             period = STATE["flap"]
             if ((STATE["seen"] - 1) // period) % 2 == 0:
+                STATE["injected"] += 1
                 await Response("injected flap", 500)(scope, receive, send)
                 return
         if STATE["lose_reply"] > 0:
@@ -107,6 +119,7 @@ async def faults(request: Request) -> Response:
 
 
 def build() -> Any:
+    """The worker app: ``work`` served by :func:`create_app`, plus ``/_faults``."""
     app = create_app(registry=SkillRegistry([work]))
     app.router.routes.append(Route("/_faults", faults, methods=["GET", "POST"]))
     app.add_middleware(FaultMiddleware)
