@@ -30,6 +30,7 @@ check: install
 
 bench: install ref
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/orchestration.py
 
 clean:
 	rm -rf $(VENV) .venv-ref .pytest_cache .ruff_cache .mypy_cache

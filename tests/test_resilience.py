@@ -1,7 +1,7 @@
 """Retries, circuit breakers, deadlines and idempotency, against real worker processes.
 
-The worker (``asap/examples/flaky_worker.py``) injects HTTP 500s, lost replies and flapping on demand
-and counts how often its skill really ran, so "no sub-task ran twice" is measured on the worker.
+The worker (``asap/examples/flaky_worker.py``) injects HTTP 500s, lost replies and flapping on
+demand and counts how often its skill really ran, so "no sub-task ran twice" is measured there.
 """
 
 from __future__ import annotations

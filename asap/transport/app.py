@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import httpx
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -34,7 +33,7 @@ from asap.transport.dispatch import Dispatcher, RequestMeta
 from asap.transport.jsonrpc import error_reply, request_id_of
 from asap.transport.pool import ClientPool
 from asap.transport.ratelimit import RateLimiter, parse_rate_limit
-from asap.transport.resilience import RetryConfig, resilient_transport
+from asap.transport.resilience import RetryConfig
 
 __all__ = ["SUPPORTED_TRANSPORT_VERSIONS", "DEFAULT_TRANSPORT_VERSION", "create_app"]
 
@@ -197,9 +196,9 @@ def create_app(
             circuit_breaker_threshold=settings.client_breaker_threshold,
             circuit_breaker_timeout=settings.client_breaker_timeout,
         )
-        http = httpx.AsyncClient(transport=resilient_transport(retry), timeout=60.0)
-        # Peers come from the operator's configuration, so plain HTTP is allowed to them.
-        pool = ClientPool(http, require_https=False)
+        # Peers come from the operator's configuration, so plain HTTP is allowed to them;
+        # bodies between agents are compressed only when large.
+        pool = ClientPool(retry, require_https=False, compression_threshold=64 * 1024)
         dispatcher.client = pool
         _log.info(
             "asap.server.started",

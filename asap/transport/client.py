@@ -52,8 +52,13 @@ class ASAPClient:
     """Talk to one ASAP agent over HTTP.
 
     Arguments mirror the reference client's names (spec 4.1). ``transport`` is an httpx
-    transport to send through (tests and resilience layers); ``http_client`` lets several
-    clients share one pool, in which case this client does not close it.
+    transport to send through (tests, custom network layers); the client owns and closes it.
+    ``shared_transport`` is one that several clients share (the server's ``ClientPool``); the
+    client does not close it and does not add layers to it.
+
+    Requests go straight to the transport, not through ``httpx.AsyncClient``: an agent needs
+    neither cookies, nor redirects (which could lead a request to another host), nor auth
+    flows, and skipping them halves the client's CPU per call.
     """
 
     def __init__(
@@ -62,7 +67,7 @@ class ASAPClient:
         *,
         timeout: float = 60.0,
         transport: httpx.AsyncBaseTransport | None = None,
-        http_client: httpx.AsyncClient | None = None,
+        shared_transport: httpx.AsyncBaseTransport | None = None,
         require_https: bool = True,
         compression: bool = True,
         compression_threshold: int = 1024,
@@ -89,17 +94,15 @@ class ASAPClient:
         self.compression_threshold = compression_threshold
         self.supported_transport_versions = tuple(supported_transport_versions)
         self.last_response_asap_version: str | None = None
-        self._http = http_client
-        self._owns_http = http_client is None
+        self._shared = shared_transport is not None
         self._limits = httpx.Limits(
             max_connections=pool_connections,
             max_keepalive_connections=pool_maxsize,
             keepalive_expiry=5.0,
         )
         self.retry_config = retry_config
-        if retry_config is not None and http_client is None:
-            transport = resilient_transport(retry_config, transport, limits=self._limits)
-        self._transport = transport
+        self._given_transport = transport
+        self._transport: httpx.AsyncBaseTransport | None = shared_transport
         self._headers = {
             "accept": "application/json",
             "accept-encoding": "br, gzip, identity",
@@ -114,9 +117,12 @@ class ASAPClient:
         return f"ASAPClient({self.base_url!r})"
 
     async def __aenter__(self) -> ASAPClient:
-        if self._http is None:
-            self._http = httpx.AsyncClient(
-                transport=self._transport, limits=self._limits, timeout=self.timeout
+        if self._transport is None:
+            network = self._given_transport or httpx.AsyncHTTPTransport(limits=self._limits)
+            self._transport = (
+                resilient_transport(self.retry_config, network)
+                if self.retry_config is not None
+                else network
             )
         return self
 
@@ -129,15 +135,15 @@ class ASAPClient:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the connection pool, if this client opened it."""
-        if self._http is not None and self._owns_http:
-            await self._http.aclose()
-            self._http = None
+        """Close the connection pool, unless it is shared."""
+        if self._transport is not None and not self._shared:
+            await self._transport.aclose()
+            self._transport = None
 
     @property
     def is_connected(self) -> bool:
         """True between ``__aenter__`` and ``aclose``."""
-        return self._http is not None
+        return self._transport is not None
 
     # -- sending -------------------------------------------------------------------------
 
@@ -157,25 +163,43 @@ class ASAPClient:
         inherited = current_deadline.get()
         return own if inherited is None else min(own, inherited)
 
-    async def _post(
-        self, path: str, body: bytes, headers: dict[str, str], deadline: float
+    async def _request(
+        self,
+        method: str,
+        url: str,
+        deadline: float,
+        body: bytes = b"",
+        headers: dict[str, str] | None = None,
     ) -> httpx.Response:
-        if self._http is None:
+        """One HTTP exchange through the transport; httpx errors become ours."""
+        if self._transport is None:
             raise ASAPConnectionError(
                 "Client not connected: use 'async with ASAPClient(...) as client'"
             )
-        url = self.base_url + path
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise ASAPTimeoutError(f"Deadline passed before calling {url}", {"url": url})
+        request = httpx.Request(
+            method,
+            url,
+            content=body if method == "POST" else None,
+            headers={**self._headers, **(headers or {})},
+            extensions={
+                "timeout": {
+                    "connect": remaining,
+                    "read": remaining,
+                    "write": remaining,
+                    "pool": remaining,
+                },
+                DEADLINE_EXTENSION: deadline,
+            },
+        )
         try:
-            response = await self._http.post(
-                url,
-                content=body,
-                headers={**self._headers, **headers},
-                timeout=remaining,
-                extensions={DEADLINE_EXTENSION: deadline},
-            )
+            response = await self._transport.handle_async_request(request)
+            try:
+                await response.aread()
+            finally:
+                await response.aclose()
         except httpx.TimeoutException as exc:
             raise ASAPTimeoutError(
                 f"Request timeout after {remaining:.3g}s: {url}", {"url": url}
@@ -184,6 +208,13 @@ class ASAPClient:
             raise ASAPConnectionError(
                 f"Connection error to {url}: {exc or type(exc).__name__}", {"url": url}
             ) from exc
+        return response
+
+    async def _post(
+        self, path: str, body: bytes, headers: dict[str, str], deadline: float
+    ) -> httpx.Response:
+        url = self.base_url + path
+        response = await self._request("POST", url, deadline, body, headers)
         self.last_response_asap_version = response.headers.get("asap-version")
         if response.status_code >= 400:
             raise _http_status_error(url, response)
@@ -289,18 +320,8 @@ class ASAPClient:
     # -- discovery -----------------------------------------------------------------------
 
     async def _get_json(self, url: str) -> Any:
-        if self._http is None:
-            raise ASAPConnectionError(
-                "Client not connected: use 'async with ASAPClient(...) as client'"
-            )
-        try:
-            response = await self._http.get(
-                url, headers=self._headers, timeout=min(self.timeout, 10.0)
-            )
-        except httpx.TimeoutException as exc:
-            raise ASAPTimeoutError(f"Request timeout: {url}", {"url": url}) from exc
-        except httpx.HTTPError as exc:
-            raise ASAPConnectionError(f"Connection error to {url}: {exc}", {"url": url}) from exc
+        deadline = time.monotonic() + min(self.timeout, 10.0)
+        response = await self._request("GET", url, deadline)
         if response.status_code >= 400 and response.status_code != 503:
             raise _http_status_error(url, response)
         return _decode_json(response)

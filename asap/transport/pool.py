@@ -1,26 +1,32 @@
-"""One connection pool for every outgoing call an agent makes: :class:`ClientPool`."""
+"""The connections an agent uses for its outgoing calls: :class:`ClientPool`."""
 
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
 from asap.models.envelope import Envelope
 from asap.transport.client import ASAPClient
+from asap.transport.resilience import RetryConfig, resilient_transport
 
 __all__ = ["ClientPool"]
 
 
 class ClientPool:
-    """Hands out :class:`ASAPClient` objects that all share one ``httpx.AsyncClient``.
+    """Hands out one :class:`ASAPClient` per peer URL, each peer's clients sharing one
+    transport stack (keep-alive connections, retries, that peer's circuit breaker).
 
-    Opened and closed by the server's lifespan; skills reach it as ``ctx.client``.
+    One pool per peer keeps httpcore's per-request scan of idle connections short when an
+    orchestration fans out to many peers at once. Opened and closed by the server's lifespan;
+    skills reach it as ``ctx.client``.
     """
 
-    def __init__(self, http_client: httpx.AsyncClient, **client_options: Any) -> None:
-        self._http = http_client
+    def __init__(self, retry_config: RetryConfig, **client_options: Any) -> None:
+        self.retry_config = retry_config
         self._options = client_options
+        self._transports: dict[str, httpx.AsyncBaseTransport] = {}
         self._clients: dict[str, ASAPClient] = {}
 
     def __repr__(self) -> str:
@@ -31,7 +37,12 @@ class ClientPool:
         key = base_url.rstrip("/")
         client = self._clients.get(key)
         if client is None:
-            client = ASAPClient(key, http_client=self._http, **self._options)
+            parts = urlsplit(key)
+            origin = f"{parts.scheme}://{parts.netloc}"
+            transport = self._transports.get(origin)
+            if transport is None:
+                transport = self._transports[origin] = resilient_transport(self.retry_config)
+            client = ASAPClient(key, shared_transport=transport, **self._options)
             self._clients[key] = client
         return client
 
@@ -40,6 +51,8 @@ class ClientPool:
         return await self.get(base_url).send(envelope, **kwargs)
 
     async def aclose(self) -> None:
-        """Close the shared connection pool."""
+        """Close every peer's connections."""
         self._clients.clear()
-        await self._http.aclose()
+        for transport in self._transports.values():
+            await transport.aclose()
+        self._transports.clear()
