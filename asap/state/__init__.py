@@ -1,1 +1,47 @@
-"""Task state: the lifecycle state machine (spec 2.3)."""
+"""Task state: the lifecycle state machine (spec 2.3) and durable stores chosen by URL.
+
+:func:`open_storage` maps a URL scheme to a backend, imported only when chosen, so Redis is
+needed only by deployments that use it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+from urllib.parse import urlsplit
+
+from asap.errors import ConfigurationError
+from asap.state.store import Storage
+
+__all__ = ["BACKENDS", "open_storage"]
+
+BACKENDS: dict[str, str] = {
+    "memory": "asap.state.store:memory_storage",
+    "sqlite": "asap.state.sqlite:sqlite_storage",
+    "redis": "asap.state.redis:redis_storage",
+    "rediss": "asap.state.redis:redis_storage",
+}
+"""URL scheme -> ``module:factory``; a factory takes ``(url, **options)`` and returns a
+:class:`Storage` (async factories are awaited)."""
+
+
+async def open_storage(url: str, **options: Any) -> Storage:
+    """Open the backend ``url`` names (``memory://``, ``sqlite:///path``, ``redis://...``)."""
+    scheme = urlsplit(url).scheme
+    target = BACKENDS.get(scheme)
+    if target is None:
+        raise ConfigurationError(
+            f"ASAP_STORAGE_URL: unsupported scheme {scheme!r} in {url!r}; "
+            f"use one of {sorted(BACKENDS)}"
+        )
+    module_name, _, factory_name = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        hint = " (pip install 'asap[redis]')" if scheme.startswith("redis") else ""
+        raise ConfigurationError(f"storage backend {scheme!r} unavailable: {exc}{hint}") from exc
+    storage = getattr(module, factory_name)(url, **options)
+    if hasattr(storage, "__await__"):
+        storage = await storage
+    assert isinstance(storage, Storage)
+    return storage

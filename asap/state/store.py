@@ -1,0 +1,318 @@
+"""Durable state: snapshots (spec 5), task records and idempotency records, behind small ABCs.
+
+Backends are chosen by URL (``ASAP_STORAGE_URL``) in :func:`asap.state.open_storage`:
+``memory://`` (this process only), ``sqlite:///path`` (the default: a local file, no server)
+and ``redis://host:port/db`` (shared by every worker and host). Each backend implements all
+three stores and the same contract (``tests/state/test_contract.py``).
+
+Contract, for every backend:
+- stores hand out copies: changing a returned object never changes what is stored;
+- snapshot versions are monotonic per task; :meth:`SnapshotStore.append` allocates the next
+  version atomically, even across processes; :meth:`SnapshotStore.save` never overwrites an
+  existing version (it raises :class:`SnapshotConflictError`);
+- task updates are compare-and-set on the status (:meth:`TaskStore.update` with
+  ``expect``), so two workers cannot both move a task, and the spec 2.3 transitions hold;
+- no call blocks the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+from asap.errors import ASAPError
+from asap.models.entities import StateSnapshot
+from asap.models.enums import TaskStatus, can_transition
+from asap.models.ids import generate_id
+from asap.transport.idempotency import IdempotencyStore, MemoryIdempotencyStore
+
+__all__ = [
+    "MemorySnapshotStore",
+    "MemoryTaskStore",
+    "SnapshotConflictError",
+    "SnapshotStore",
+    "Storage",
+    "StorageError",
+    "TaskRecord",
+    "TaskStore",
+]
+
+
+class StorageError(ASAPError):
+    """A storage backend failed (its own exception is the ``__cause__``)."""
+
+    code = "asap:resource/storage_error"
+    rpc_code = -32040
+
+
+class SnapshotConflictError(StorageError):
+    """A snapshot with this task id and version already exists."""
+
+
+class SnapshotStore(ABC):
+    """Versioned snapshots of task state (spec 5, async)."""
+
+    @abstractmethod
+    async def save(self, snapshot: StateSnapshot) -> None:
+        """Store ``snapshot`` under its own version; raise :class:`SnapshotConflictError` if
+        that version exists."""
+
+    @abstractmethod
+    async def append(
+        self, task_id: str, data: dict[str, Any], *, checkpoint: bool = False
+    ) -> StateSnapshot:
+        """Store ``data`` as the task's next version (latest + 1, or 1) and return it."""
+
+    @abstractmethod
+    async def get(self, task_id: str, version: int | None = None) -> StateSnapshot | None:
+        """A version, or the latest (highest) when ``version`` is None; None if absent."""
+
+    async def get_by_id(self, task_id: str, snapshot_id: str) -> StateSnapshot | None:
+        """The task's snapshot whose ``id`` is ``snapshot_id``, or None."""
+        for version in reversed(await self.list_versions(task_id)):
+            snapshot = await self.get(task_id, version)
+            if snapshot is not None and snapshot.id == snapshot_id:
+                return snapshot
+        return None
+
+    @abstractmethod
+    async def list_versions(self, task_id: str) -> list[int]:
+        """The task's versions, ascending."""
+
+    @abstractmethod
+    async def delete(self, task_id: str, version: int | None = None) -> bool:
+        """Delete one version, or all when ``version`` is None; whether anything was deleted."""
+
+
+@dataclass
+class TaskRecord:
+    """A task as the server tracks it (spec 2.3 statuses), with what is needed to resume it."""
+
+    id: str
+    conversation_id: str
+    skill_id: str
+    sender: str
+    status: TaskStatus
+    request: dict[str, Any]
+    """The request envelope as received (wire form): enough to run the task again."""
+    result: dict[str, Any] | None = None
+    progress: dict[str, Any] | None = None
+    owner: str | None = None
+    """The agent instance running it."""
+    lease_until: float | None = None
+    """Unix time until which ``owner`` holds it; past that another instance may take over."""
+    cancel_requested: bool = False
+    created_at: float = field(default_factory=time.time)
+    updated_at: float = field(default_factory=time.time)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (status as its string)."""
+        data = {k: copy.deepcopy(v) for k, v in vars(self).items()}
+        data["status"] = self.status.value
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TaskRecord:
+        """Inverse of :meth:`to_dict`."""
+        values = copy.deepcopy(data)
+        values["status"] = TaskStatus(values["status"])
+        return cls(**values)
+
+
+class TaskStore(ABC):
+    """Task records. Updates are compare-and-set on the status."""
+
+    @abstractmethod
+    async def create(self, record: TaskRecord) -> None:
+        """Store a new task; raise :class:`StorageError` if the id exists."""
+
+    @abstractmethod
+    async def get(self, task_id: str) -> TaskRecord | None:
+        """The task, or None."""
+
+    @abstractmethod
+    async def update(
+        self, task_id: str, *, expect: frozenset[TaskStatus] | None = None, **changes: Any
+    ) -> TaskRecord | None:
+        """Apply ``changes`` atomically if the task exists and (when given) its status is in
+        ``expect``; a ``status`` change must be a legal transition. Return the updated record,
+        or None when nothing was applied. ``updated_at`` is set to now."""
+
+    @abstractmethod
+    async def expired(self, now: float) -> list[TaskRecord]:
+        """Tasks submitted or working whose lease ended before ``now`` (their owner is gone)."""
+
+    async def claim(self, task_id: str, owner: str, lease_until: float, now: float) -> bool:
+        """Take over a task whose lease ended before ``now``; True if this caller got it."""
+        record = await self.get(task_id)
+        if record is None or record.status.is_terminal():
+            return False
+        if record.lease_until is not None and record.lease_until >= now:
+            return False
+        updated = await self.update(
+            task_id,
+            expect=frozenset({record.status}),
+            owner=owner,
+            lease_until=lease_until,
+            _expect_lease=record.lease_until,
+        )
+        return updated is not None
+
+    @abstractmethod
+    async def renew(self, task_ids: list[str], owner: str, lease_until: float) -> None:
+        """Extend the lease of the tasks ``owner`` still holds."""
+
+    @abstractmethod
+    async def cancel_requested(self, task_ids: list[str]) -> list[str]:
+        """Which of ``task_ids`` have a cancellation request."""
+
+
+def check_transition(record: TaskRecord, changes: dict[str, Any]) -> None:
+    """Raise ``InvalidTransitionError`` for an illegal status change (spec 2.3)."""
+    new = changes.get("status")
+    if new is not None and new != record.status and not can_transition(record.status, new):
+        from asap.errors import InvalidTransitionError
+
+        raise InvalidTransitionError(record.status.value, TaskStatus(new).value, record.id)
+
+
+class MemorySnapshotStore(SnapshotStore):
+    """Snapshots in this process (copies in and out)."""
+
+    def __init__(self) -> None:
+        self._data: dict[str, dict[int, StateSnapshot]] = {}
+        self._lock = asyncio.Lock()
+
+    async def save(self, snapshot: StateSnapshot) -> None:
+        async with self._lock:
+            versions = self._data.setdefault(snapshot.task_id, {})
+            if snapshot.version in versions:
+                raise SnapshotConflictError(
+                    f"Snapshot {snapshot.task_id} v{snapshot.version} already exists"
+                )
+            versions[snapshot.version] = snapshot.model_copy(deep=True)
+
+    async def append(
+        self, task_id: str, data: dict[str, Any], *, checkpoint: bool = False
+    ) -> StateSnapshot:
+        async with self._lock:
+            versions = self._data.setdefault(task_id, {})
+            snapshot = StateSnapshot(
+                id=f"snap_{generate_id()}",
+                task_id=task_id,
+                version=max(versions, default=0) + 1,
+                data=copy.deepcopy(data),
+                checkpoint=checkpoint,
+            )
+            versions[snapshot.version] = snapshot
+            return snapshot.model_copy(deep=True)
+
+    async def get(self, task_id: str, version: int | None = None) -> StateSnapshot | None:
+        versions = self._data.get(task_id) or {}
+        if not versions:
+            return None
+        found = versions.get(max(versions) if version is None else version)
+        return found.model_copy(deep=True) if found is not None else None
+
+    async def list_versions(self, task_id: str) -> list[int]:
+        return sorted(self._data.get(task_id) or {})
+
+    async def delete(self, task_id: str, version: int | None = None) -> bool:
+        async with self._lock:
+            versions = self._data.get(task_id)
+            if not versions:
+                return False
+            if version is None:
+                del self._data[task_id]
+                return True
+            return versions.pop(version, None) is not None
+
+
+class MemoryTaskStore(TaskStore):
+    """Task records in this process (copies in and out)."""
+
+    def __init__(self) -> None:
+        self._tasks: dict[str, TaskRecord] = {}
+
+    async def create(self, record: TaskRecord) -> None:
+        if record.id in self._tasks:
+            raise StorageError(f"Task {record.id} already exists")
+        self._tasks[record.id] = TaskRecord.from_dict(record.to_dict())
+
+    async def get(self, task_id: str) -> TaskRecord | None:
+        record = self._tasks.get(task_id)
+        return TaskRecord.from_dict(record.to_dict()) if record else None
+
+    async def update(
+        self, task_id: str, *, expect: frozenset[TaskStatus] | None = None, **changes: Any
+    ) -> TaskRecord | None:
+        record = self._tasks.get(task_id)
+        if record is None or (expect is not None and record.status not in expect):
+            return None
+        check_transition(record, changes)
+        for name, value in changes.items():
+            setattr(record, name, copy.deepcopy(value))
+        record.updated_at = time.time()
+        return TaskRecord.from_dict(record.to_dict())
+
+    async def expired(self, now: float) -> list[TaskRecord]:
+        return [
+            TaskRecord.from_dict(r.to_dict())
+            for r in self._tasks.values()
+            if r.status in (TaskStatus.SUBMITTED, TaskStatus.WORKING)
+            and r.lease_until is not None
+            and r.lease_until < now
+        ]
+
+    async def claim(self, task_id: str, owner: str, lease_until: float, now: float) -> bool:
+        record = self._tasks.get(task_id)
+        if record is None or record.status not in (TaskStatus.SUBMITTED, TaskStatus.WORKING):
+            return False
+        if record.lease_until is None or record.lease_until >= now:
+            return False
+        record.owner, record.lease_until, record.updated_at = owner, lease_until, time.time()
+        return True
+
+    async def renew(self, task_ids: list[str], owner: str, lease_until: float) -> None:
+        for task_id in task_ids:
+            record = self._tasks.get(task_id)
+            if record is not None and record.owner == owner and not record.status.is_terminal():
+                record.lease_until = lease_until
+
+    async def cancel_requested(self, task_ids: list[str]) -> list[str]:
+        return [t for t in task_ids if (r := self._tasks.get(t)) is not None and r.cancel_requested]
+
+
+@dataclass
+class Storage:
+    """The three stores of one backend, opened and closed together."""
+
+    url: str
+    snapshots: SnapshotStore
+    tasks: TaskStore
+    idempotency: IdempotencyStore
+    shared: bool = False
+    """True when other processes see the same state (Redis)."""
+
+    async def aclose(self) -> None:
+        """Release connections and threads."""
+        for store in (self.snapshots, self.tasks, self.idempotency):
+            closer = getattr(store, "aclose", None)
+            if closer is not None:
+                await closer()
+
+
+def memory_storage(url: str = "memory://", **options: Any) -> Storage:
+    """Everything in this process; lost when it exits."""
+    return Storage(
+        url,
+        MemorySnapshotStore(),
+        MemoryTaskStore(),
+        MemoryIdempotencyStore(
+            options.get("idempotency_ttl", 3600.0), options.get("idempotency_max_entries", 10_000)
+        ),
+    )
