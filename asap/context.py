@@ -41,7 +41,35 @@ class Context:
     """Agents this one may call (``ASAP_PEERS``): name -> base URL."""
     settings: Any = None
     """The agent's :class:`~asap.settings.Settings`."""
+    resumed: Any = None
+    """The :class:`~asap.models.entities.StateSnapshot` this run resumes from (after a crash
+    or a ``state.restore``), else None."""
+    manager: Any = None
+    """The agent's :class:`~asap.tasks.TaskManager` (used by :meth:`checkpoint`)."""
     extra: dict[str, Any] = field(default_factory=dict)
+
+    async def checkpoint(self, data: dict[str, Any]) -> Any:
+        """Save ``data`` as this task's next snapshot (``checkpoint=True``) and return it.
+
+        A resumable skill that is restarted receives the latest one as :attr:`resumed`.
+        """
+        if self.manager is None or self.manager.storage is None:
+            raise RuntimeError("checkpoint() needs a running agent with storage")
+        snapshot = await self.manager.storage.snapshots.append(self.task_id, data, checkpoint=True)
+        self.logger.debug("asap.task.checkpoint", version=snapshot.version)
+        return snapshot
+
+    async def report_progress(
+        self, percent: float | None = None, message: str | None = None, **details: Any
+    ) -> None:
+        """Record progress (``percent`` 0..100): visible to ``state.query`` and streamed to a
+        caller following the task (``TaskStream`` chunks)."""
+        if percent is not None and not 0 <= percent <= 100:
+            raise ValueError(f"percent must be within 0..100, got {percent}")
+        progress = {"percent": percent, "message": message, **details}
+        if self.manager is not None and self.manager.storage is not None:
+            await self.manager.storage.tasks.update(self.task_id, progress=progress)
+            self.manager.notify(self.task_id, {"final": False, "progress": progress})
 
     def time_left(self) -> float | None:
         """Seconds until the deadline (never negative), or None when there is none."""

@@ -39,6 +39,8 @@ class SkillSpec:
     output_model: type[BaseModel] | None
     takes_context: bool
     is_async: bool
+    resumable: bool = False
+    """Run again from its latest checkpoint (``ctx.resumed``) if its agent stops mid-task."""
 
     @property
     def qualname(self) -> str:
@@ -91,7 +93,9 @@ def _model_of(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def _spec_for(func: Callable[..., Any], skill_id: str, description: str | None) -> SkillSpec:
+def _spec_for(
+    func: Callable[..., Any], skill_id: str, description: str | None, resumable: bool = False
+) -> SkillSpec:
     if not skill_id or not isinstance(skill_id, str):
         raise ConfigurationError(f"skill id must be a non-empty string, got {skill_id!r}")
     if inspect.isasyncgenfunction(func) or inspect.isgeneratorfunction(func):
@@ -115,17 +119,21 @@ def _spec_for(func: Callable[..., Any], skill_id: str, description: str | None) 
         output_model=_model_of(hints.get("return")),
         takes_context=len(params) == 2,
         is_async=inspect.iscoroutinefunction(func),
+        resumable=resumable,
     )
 
 
-def skill(skill_id: str, *, description: str | None = None) -> Callable[[F], F]:
+def skill(
+    skill_id: str, *, description: str | None = None, resumable: bool = False
+) -> Callable[[F], F]:
     """Mark a function as the skill ``skill_id``; the function is returned unchanged.
 
-    ``description`` defaults to the first line of the docstring.
+    ``description`` defaults to the first line of the docstring. A ``resumable`` skill is run
+    again from its latest checkpoint when its agent stops mid-task (it reads ``ctx.resumed``).
     """
 
     def mark(func: F) -> F:
-        setattr(func, _MARK, _spec_for(func, skill_id, description))
+        setattr(func, _MARK, _spec_for(func, skill_id, description, resumable))
         return func
 
     return mark

@@ -45,6 +45,14 @@ class Settings:
     """Requests per client, e.g. ``"100/second;5000/minute"`` (spec 3.10); unset: no limit."""
     max_envelope_age_seconds: int = 300
     max_future_tolerance_seconds: int = 30
+    storage_url: str = "sqlite:///asap-state.db"
+    """Where tasks, snapshots and idempotency records live: ``memory://``,
+    ``sqlite:///path`` (a local file, the default) or ``redis://host:port/db`` (shared)."""
+    task_lease_seconds: int = 15
+    """How long a task stays owned by its instance without renewal; after that another
+    instance takes it over (resumes it, or marks it failed)."""
+    instance_id: str | None = None
+    """Name of this agent process in task leases; default: host, pid and a random suffix."""
     task_timeout_seconds: int | None = None
     """Deadline of a task whose request gives no ``config.timeout_seconds``; unset: none."""
     idempotency_ttl_seconds: int = 3600
@@ -82,6 +90,7 @@ class Settings:
             "max_batch_size",
             "max_envelope_age_seconds",
             "idempotency_ttl_seconds",
+            "task_lease_seconds",
             "idempotency_max_entries",
             "client_max_retries",
             "client_breaker_threshold",

@@ -31,6 +31,7 @@ def echo_settings(**overrides: object) -> Settings:
         skills=("skills.echo",),
         public_url="http://127.0.0.1:8003",
         log_level="WARNING",
+        storage_url="memory://",
     )
     return base.with_overrides(**overrides)
 

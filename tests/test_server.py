@@ -651,7 +651,7 @@ async def test_payload_type_spellings_reach_the_echo_skill(
     ("payload_type", "payload"),
     [
         ("foo.bar", {"anything": 1}),
-        ("task.cancel", {"task_id": "task_1"}),
+        ("mcp.tool_call", {"request_id": "r", "tool_name": "t", "arguments": {}}),
         (
             "message.send",
             {"task_id": "t", "message_id": "m", "sender": "s", "role": "user", "parts": []},

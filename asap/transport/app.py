@@ -28,6 +28,7 @@ from asap.observability.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from asap.observability.metrics import Metrics
 from asap.registry import SkillRegistry
 from asap.settings import Settings
+from asap.state import open_storage
 from asap.transport import codec
 from asap.transport.dispatch import Dispatcher, RequestMeta
 from asap.transport.jsonrpc import error_reply, request_id_of
@@ -199,17 +200,25 @@ def create_app(
         # Peers come from the operator's configuration, so plain HTTP is allowed to them;
         # bodies between agents are compressed only when large.
         pool = ClientPool(retry, require_https=False, compression_threshold=64 * 1024)
-        dispatcher.client = pool
+        storage = await open_storage(
+            settings.storage_url,
+            idempotency_ttl=float(settings.idempotency_ttl_seconds),
+            idempotency_max_entries=settings.idempotency_max_entries,
+        )
+        await dispatcher.tasks.start(storage, pool)
         _log.info(
             "asap.server.started",
             agent_id=settings.agent_id,
             skills=registry.ids(),
+            storage=storage.url.split("@")[-1],
+            instance=dispatcher.tasks.instance,
         )
         try:
             yield
         finally:
-            dispatcher.client = None
+            await dispatcher.tasks.stop()
             await pool.aclose()
+            await storage.aclose()
 
     async def read_body(request: Request) -> bytes:
         limit = settings.max_request_size
@@ -231,6 +240,7 @@ def create_app(
         return RequestMeta(
             traceparent=request.headers.get("traceparent"),
             idempotency_key=request.headers.get("x-idempotency-key"),
+            respond_async="respond-async" in request.headers.get("prefer", ""),
         )
 
     def rate_limited(request: Request, cost: int) -> Response | None:

@@ -12,21 +12,16 @@ import hashlib
 import re
 import time
 import traceback
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from functools import partial
 from typing import Any
 
 import orjson
 from pydantic import ValidationError
-from starlette.concurrency import run_in_threadpool
-from structlog.contextvars import bound_contextvars
 
-from asap.context import Context, current_deadline
 from asap.errors import (
     ASAPError,
-    ASAPTimeoutError,
     HandlerNotFoundError,
     InternalError,
     InvalidParamsError,
@@ -34,19 +29,20 @@ from asap.errors import (
     InvalidTimestampError,
     MethodNotFoundError,
     SkillNotFoundError,
-    TaskFailedError,
+    TaskNotFoundError,
 )
 from asap.models.base import format_timestamp
 from asap.models.entities import Manifest
 from asap.models.enums import TaskStatus
 from asap.models.envelope import Envelope
-from asap.models.ids import generate_id, generate_span_id, generate_task_id, generate_trace_id
-from asap.models.payloads import TaskRequest
+from asap.models.ids import generate_id, generate_span_id, generate_trace_id
+from asap.models.payloads import StateQuery, StateRestore, TaskCancel, TaskRequest
 from asap.observability.logging import get_logger
 from asap.observability.metrics import Metrics, payload_label
-from asap.registry import SkillRegistry, SkillSpec
+from asap.registry import SkillRegistry
 from asap.settings import Settings
-from asap.transport.idempotency import IdempotencyRecord, IdempotencyStore, MemoryIdempotencyStore
+from asap.tasks import TaskManager
+from asap.transport.idempotency import IdempotencyRecord
 from asap.transport.jsonrpc import (
     error_reply,
     parse_frame,
@@ -79,6 +75,8 @@ class RequestMeta:
 
     traceparent: str | None = None
     idempotency_key: str | None = None
+    respond_async: bool = False
+    """The caller sent ``Prefer: respond-async``: reply ``working`` without waiting."""
 
 
 def request_fingerprint(request: TaskRequest) -> str:
@@ -114,11 +112,14 @@ class Dispatcher:
         self.registry = registry
         self.manifest = manifest
         self.metrics = metrics or Metrics()
-        self.peers = settings.peer_urls()
-        self.idempotency: IdempotencyStore = MemoryIdempotencyStore(
-            settings.idempotency_ttl_seconds, settings.idempotency_max_entries
-        )
-        self.client: Any = None  # the shared ClientPool, set by the lifespan
+        self.tasks = TaskManager(settings, registry, manifest.id, self.metrics)
+        self.handlers: dict[str, Callable[[Envelope, RequestMeta], Awaitable[dict[str, Any]]]]
+        self.handlers = {
+            "taskrequest": self.on_task_request,
+            "taskcancel": self.on_task_cancel,
+            "statequery": self.on_state_query,
+            "staterestore": self.on_state_restore,
+        }
 
     # -- whole bodies --------------------------------------------------------------------
 
@@ -240,22 +241,26 @@ class Dispatcher:
 
     async def dispatch(self, envelope: Envelope, meta: RequestMeta) -> dict[str, Any]:
         """Route by normalized payload type (spec 1.4) and return the reply envelope."""
-        if envelope.payload_key != "taskrequest":
+        handler = self.handlers.get(envelope.payload_key)
+        if handler is None:
             raise HandlerNotFoundError(envelope.payload_type)
+        return await handler(envelope, meta)
+
+    async def on_task_request(self, envelope: Envelope, meta: RequestMeta) -> dict[str, Any]:
+        """Run a skill as a stored task; reply with its outcome, or ``working`` at once when
+        the caller sent ``Prefer: respond-async``."""
         request: TaskRequest = envelope.payload
-        spec = self.find_skill(request.skill_id)
-        task_input = spec.parse_input(request.input)
+        spec = self.tasks.find_skill(request.skill_id)
+        spec.parse_input(request.input)  # invalid input is -32602 before any task exists
+        key = (request.config and request.config.idempotency_key) or meta.idempotency_key
+        fingerprint = request_fingerprint(request) if key else ""
 
         async def execute() -> IdempotencyRecord:
-            task_id = generate_task_id()
-            status, result = await self.run_skill(spec, task_input, envelope, request, task_id)
-            return IdempotencyRecord(fingerprint, task_id, status.value, result)
+            return await self.tasks.submit(spec, envelope, fingerprint, wait=not meta.respond_async)
 
-        key = (request.config and request.config.idempotency_key) or meta.idempotency_key
-        fingerprint = ""
         if key:
-            fingerprint = request_fingerprint(request)
-            record, replayed = await self.idempotency.run_once(
+            assert self.tasks.storage is not None
+            record, replayed = await self.tasks.storage.idempotency.run_once(
                 f"{envelope.sender} {key}", fingerprint, execute
             )
             if replayed:
@@ -263,127 +268,81 @@ class Dispatcher:
                 _log.info("asap.request.replayed", idempotency_key=key, task_id=record.task_id)
         else:
             record = await execute()
-        return self.reply(
+        return self.task_response(envelope, meta, record.task_id, record.status, record.result)
+
+    async def on_task_cancel(self, envelope: Envelope, meta: RequestMeta) -> dict[str, Any]:
+        """``task.cancel``: stop a running task wherever it runs (spec 3.6: -32010, -32030)."""
+        cancel: TaskCancel = envelope.payload
+        record = await self.tasks.cancel(cancel.task_id, cancel.reason)
+        return self.task_response(envelope, meta, record.id, record.status.value, record.result)
+
+    async def on_state_query(self, envelope: Envelope, meta: RequestMeta) -> dict[str, Any]:
+        """``state.query``: the task's status and result, and a snapshot as ``final_state``
+        (the latest, or ``version``)."""
+        query: StateQuery = envelope.payload
+        assert self.tasks.storage is not None
+        record = await self.tasks.storage.tasks.get(query.task_id)
+        snapshot = await self.tasks.storage.snapshots.get(query.task_id, query.version)
+        if record is None and snapshot is None:
+            raise TaskNotFoundError(query.task_id)
+        status = record.status.value if record else TaskStatus.SUBMITTED.value
+        return self.task_response(
             envelope,
             meta,
-            "task.response",
-            {
-                "task_id": record.task_id,
-                "status": record.status,
-                "result": record.result,
-                "final_state": None,
-                "metrics": None,
-            },
+            query.task_id,
+            status,
+            record.result if record else None,
+            snapshot.to_wire() if snapshot else None,
+            {"progress": record.progress} if record and record.progress else None,
         )
 
-    def find_skill(self, skill_id: str) -> SkillSpec:
-        """The skill named by a request, or :class:`SkillNotFoundError` listing what exists."""
-        spec = self.registry.get(skill_id)
-        if spec is None:
-            raise SkillNotFoundError(skill_id, self.registry.ids())
-        return spec
-
-    def make_context(
-        self, spec: SkillSpec, envelope: Envelope, request: TaskRequest, task_id: str
-    ) -> Context:
-        """The :class:`Context` a skill receives for one task."""
-        timeout = self.task_timeout(request)
-        logger = get_logger("asap.skill")
-        return Context(
-            task_id=task_id,
-            conversation_id=request.conversation_id,
-            trace_id=envelope.trace_id,
-            skill_id=spec.id,
-            envelope=envelope,
-            agent_id=self.manifest.id,
-            logger=logger,
-            client=self.client,
-            deadline=time.monotonic() + timeout if timeout else None,
-            peers=self.peers,
-            settings=self.settings,
-        )
-
-    def task_timeout(self, request: TaskRequest) -> int | None:
-        """Seconds a task may run: the request's ``timeout_seconds``, else the agent default."""
-        requested = request.config.timeout_seconds if request.config else None
-        return requested or self.settings.task_timeout_seconds
-
-    async def run_skill(
-        self,
-        spec: SkillSpec,
-        task_input: Any,
-        envelope: Envelope,
-        request: TaskRequest,
-        task_id: str,
-    ) -> tuple[TaskStatus, dict[str, Any] | None]:
-        """Run a skill; a raised exception becomes a ``failed`` task with a safe error."""
-        ctx = self.make_context(spec, envelope, request, task_id)
-        args = (task_input, ctx) if spec.takes_context else (task_input,)
-        started = time.perf_counter()
-        timeout = self.task_timeout(request)
-        deadline_token = current_deadline.set(ctx.deadline)
-        with bound_contextvars(
-            trace_id=envelope.trace_id,
-            correlation_id=envelope.id,
-            skill_id=spec.id,
-            task_id=task_id,
-        ):
-            limit = asyncio.timeout(timeout)
-            try:
-                async with limit:
-                    if spec.is_async:
-                        value = await spec.func(*args)
-                    else:
-                        # A thread cannot be stopped: past the deadline we answer and stop
-                        # waiting, and the thread finishes on its own.
-                        value = await run_in_threadpool(partial(spec.func, *args))
-                result = spec.dump_output(value)
-                status = TaskStatus.COMPLETED
-            except TimeoutError as exc:
-                if limit.expired():
-                    _log.warning("asap.handler.timeout", timeout_seconds=timeout)
-                    error = self.deadline_error(spec, timeout)
-                else:  # the skill's own timeout, not our deadline
-                    _log.exception("asap.handler.error", error_type=type(exc).__name__)
-                    error = self.safe_error(exc)
-                status, result = TaskStatus.FAILED, {"error": error}
-            except TaskFailedError as exc:
-                _log.warning("asap.handler.failed", error=exc.message)
-                error = {"type": type(exc).__name__, "message": exc.message}
-                status, result = TaskStatus.FAILED, {"error": error, **exc.result}
-            except Exception as exc:
-                _log.exception("asap.handler.error", error_type=type(exc).__name__)
-                status, result = TaskStatus.FAILED, {"error": self.safe_error(exc)}
-            finally:
-                current_deadline.reset(deadline_token)
-            elapsed = time.perf_counter() - started
-            _log.info(
-                "asap.request.processed", status=status.value, duration_ms=round(elapsed * 1000, 3)
+    async def on_state_restore(self, envelope: Envelope, meta: RequestMeta) -> dict[str, Any]:
+        """``state.restore``: make a snapshot the latest state; a resumable task resumes from
+        it. A snapshot moved from another agent travels in ``extensions.snapshot``."""
+        restore: StateRestore = envelope.payload
+        carried = (envelope.extensions or {}).get("snapshot")
+        if carried is not None and not isinstance(carried, dict):
+            raise InvalidParamsError({"error": "extensions.snapshot must be an object"})
+        try:
+            record, snapshot = await self.tasks.restore(
+                restore.task_id, restore.snapshot_id, carried
             )
-        label = payload_label(envelope.payload_key)
-        self.metrics.handler_executions.labels(label).inc()
-        self.metrics.handler_duration.labels(label).observe(elapsed)
-        if status is TaskStatus.FAILED:
-            self.metrics.handler_errors.labels(label).inc()
-        return status, result
-
-    def deadline_error(self, spec: SkillSpec, timeout: int | None) -> dict[str, Any]:
-        """The error of a task cancelled at its deadline."""
-        error = ASAPTimeoutError(
-            f"Skill '{spec.id}' did not finish within {timeout} s and was cancelled",
-            {"timeout_seconds": timeout},
+        except ValidationError as exc:
+            raise InvalidParamsError(
+                {
+                    "error": "Invalid extensions.snapshot",
+                    "validation_errors": validation_errors(exc),
+                }
+            ) from None
+        status = record.status.value if record else TaskStatus.SUBMITTED.value
+        return self.task_response(
+            envelope,
+            meta,
+            restore.task_id,
+            status,
+            record.result if record else None,
+            snapshot.to_wire(),
         )
-        return self.safe_error(error)
 
-    def safe_error(self, exc: BaseException) -> dict[str, Any]:
-        """What a caller learns about a skill's exception: type and message (traceback: debug)."""
-        error: dict[str, Any] = {"type": type(exc).__name__, "message": str(exc)}
-        if isinstance(exc, ASAPError):
-            error["code"] = exc.code
-            error["rpc_code"] = exc.rpc_code
-        if self.settings.debug:
-            error["traceback"] = traceback.format_exception(exc)
-        return error
+    def task_response(
+        self,
+        envelope: Envelope,
+        meta: RequestMeta,
+        task_id: str,
+        status: str,
+        result: dict[str, Any] | None,
+        final_state: dict[str, Any] | None = None,
+        metrics: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """A ``task.response`` reply bound to ``envelope``."""
+        payload = {
+            "task_id": task_id,
+            "status": status,
+            "result": result,
+            "final_state": final_state,
+            "metrics": metrics,
+        }
+        return self.reply(envelope, meta, "task.response", payload)
 
     def reply(
         self,
@@ -410,52 +369,51 @@ class Dispatcher:
         }
 
     async def stream(self, frame: Any, meta: RequestMeta) -> AsyncIterator[dict[str, Any]]:
-        """``POST /asap/stream``: run a task and yield ``TaskStream`` chunks (spec 3.8).
+        """``POST /asap/stream``: run a task and yield ``TaskStream`` chunks (spec 3.8): one
+        when it starts, one per progress report, and a final one with the outcome.
 
-        Must be primed by :meth:`prepare` (errors are answered before the stream starts).
+        Errors before the task starts are raised, to be answered as JSON-RPC (as the
+        reference does).
         """
         envelope = self.prepare(frame)
         if envelope.payload_key != "taskrequest":
             raise HandlerNotFoundError(envelope.payload_type, streaming=True)
         request: TaskRequest = envelope.payload
-        spec = self.find_skill(request.skill_id)
-        task_input = spec.parse_input(request.input)
-        return self._stream_task(spec, task_input, envelope, request, meta)
+        spec = self.tasks.find_skill(request.skill_id)
+        spec.parse_input(request.input)
+        events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        record = await self.tasks.submit(spec, envelope, wait=False, listener=events.put_nowait)
+        return self._stream_task(envelope, meta, record.task_id, events)
 
     async def _stream_task(
         self,
-        spec: SkillSpec,
-        task_input: Any,
         envelope: Envelope,
-        request: TaskRequest,
         meta: RequestMeta,
+        task_id: str,
+        events: asyncio.Queue[dict[str, Any]],
     ) -> AsyncIterator[dict[str, Any]]:
-        task_id = generate_task_id()
         trace = _otel_trace_id(envelope, meta)
-        yield self.reply(
-            envelope,
-            meta,
-            "TaskStream",
-            {"chunk": "", "progress": 0.0, "final": False, "status": TaskStatus.WORKING.value},
-            trace,
-        )
-        status, result = await self.run_skill(spec, task_input, envelope, request, task_id)
-        try:
-            final_chunk = orjson.dumps({"task_id": task_id, "result": result}).decode()
-        except TypeError as exc:  # a skill returned something JSON cannot carry
-            _log.exception("asap.response.unserializable")
-            status = TaskStatus.FAILED
-            error = {"error": self.safe_error(exc)}
-            final_chunk = orjson.dumps({"task_id": task_id, "result": error}).decode()
-        yield self.reply(
-            envelope,
-            meta,
-            "TaskStream",
-            {
-                "chunk": final_chunk,
-                "progress": 1.0,
-                "final": True,
-                "status": status.value,
-            },
-            trace,
-        )
+
+        def chunk(text: str, progress: float | None, final: bool, status: str) -> dict[str, Any]:
+            payload = {"chunk": text, "progress": progress, "final": final, "status": status}
+            return self.reply(envelope, meta, "TaskStream", payload, trace)
+
+        yield chunk(orjson.dumps({"task_id": task_id}).decode(), 0.0, False, "working")
+        while True:
+            event = await events.get()
+            if not event.get("final"):
+                progress = event["progress"]
+                percent = progress.get("percent")
+                fraction = None if percent is None else percent / 100
+                yield chunk(orjson.dumps(progress).decode(), fraction, False, "working")
+                continue
+            status, result = event["status"], event["result"]
+            try:
+                text = orjson.dumps({"task_id": task_id, "result": result}).decode()
+            except TypeError as exc:  # a skill returned something JSON cannot carry
+                _log.exception("asap.response.unserializable")
+                status = TaskStatus.FAILED.value
+                error = {"error": self.tasks.safe_error(exc)}
+                text = orjson.dumps({"task_id": task_id, "result": error}).decode()
+            yield chunk(text, 1.0, True, status)
+            return

@@ -1,0 +1,406 @@
+"""Tasks on the server: every ``task.request`` becomes a stored task (spec 2.3) that can be
+queried, cancelled, checkpointed and resumed.
+
+:class:`TaskManager` runs skills as asyncio tasks and keeps their records in the agent's
+storage. Each running task is leased by this agent instance; a background loop renews the
+leases, applies cancellations requested through other instances, and takes over tasks whose
+owner stopped renewing (a crash): a resumable skill is run again from its latest checkpoint
+under the same task id, any other is marked failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+import traceback
+from collections.abc import AsyncIterator, Callable
+from functools import partial
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+from structlog.contextvars import bound_contextvars
+
+from asap.context import Context, current_deadline
+from asap.errors import (
+    ASAPError,
+    ASAPTimeoutError,
+    SkillNotFoundError,
+    TaskAlreadyCompletedError,
+    TaskFailedError,
+    TaskNotFoundError,
+)
+from asap.models.entities import StateSnapshot
+from asap.models.enums import TaskStatus
+from asap.models.envelope import Envelope
+from asap.models.ids import generate_id
+from asap.models.payloads import TaskRequest
+from asap.observability.logging import get_logger
+from asap.observability.metrics import Metrics
+from asap.registry import SkillRegistry, SkillSpec
+from asap.settings import Settings
+from asap.state.store import Storage, TaskRecord
+from asap.transport.idempotency import IdempotencyRecord
+
+__all__ = ["TaskManager"]
+
+_log = get_logger("asap.tasks")
+ACTIVE = frozenset({TaskStatus.SUBMITTED, TaskStatus.WORKING})
+
+
+def instance_name() -> str:
+    """A name for this agent process, unique across hosts and restarts."""
+    return f"{socket.gethostname()}-{os.getpid()}-{generate_id()[-6:]}"
+
+
+class TaskManager:
+    """Creates, runs, tracks, cancels and resumes the tasks of one agent instance."""
+
+    def __init__(
+        self, settings: Settings, registry: SkillRegistry, agent_id: str, metrics: Metrics
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.agent_id = agent_id
+        self.metrics = metrics
+        self.instance = settings.instance_id or instance_name()
+        self.storage: Storage | None = None
+        self.client: Any = None
+        self.peers = settings.peer_urls()
+        self.running: dict[str, asyncio.Task[IdempotencyRecord]] = {}
+        self.listeners: dict[str, list[Callable[[dict[str, Any]], None]]] = {}
+        self._loop_task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self, storage: Storage, client: Any) -> None:
+        """Attach storage and client, take over orphaned tasks, start the lease loop."""
+        self.storage, self.client = storage, client
+        await self.adopt_orphans()
+        self._loop_task = asyncio.create_task(self._maintain(), name="asap-task-leases")
+
+    async def stop(self) -> None:
+        """Stop the lease loop and this instance's tasks. Resumable tasks keep their status,
+        so another instance (or this one, restarted) resumes them once the lease ends."""
+        self._stopping = True
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+        for task in list(self.running.values()):
+            task.cancel()
+        if self.running:
+            await asyncio.wait(list(self.running.values()), timeout=5)
+
+    @property
+    def lease(self) -> float:
+        return float(self.settings.task_lease_seconds)
+
+    async def _maintain(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease / 3)
+            try:
+                await self._tick()
+            except Exception:
+                _log.exception("asap.tasks.maintenance_failed")
+
+    async def _tick(self) -> None:
+        assert self.storage is not None
+        ids = list(self.running)
+        if ids:
+            await self.storage.tasks.renew(ids, self.instance, time.time() + self.lease)
+            for task_id in await self.storage.tasks.cancel_requested(ids):
+                task = self.running.get(task_id)
+                if task is not None:
+                    _log.info("asap.tasks.cancel_applied", task_id=task_id)
+                    task.cancel()
+        await self.adopt_orphans()
+
+    async def adopt_orphans(self) -> None:
+        """Take over tasks whose owner stopped renewing its lease."""
+        assert self.storage is not None
+        now = time.time()
+        for record in await self.storage.tasks.expired(now):
+            if not await self.storage.tasks.claim(record.id, self.instance, now + self.lease, now):
+                continue
+            spec = self.registry.get(record.skill_id)
+            if spec is not None and spec.resumable:
+                _log.info("asap.tasks.resuming", task_id=record.id, skill_id=record.skill_id)
+                snapshot = await self.storage.snapshots.get(record.id)
+                self.launch(record, spec, snapshot)
+            else:
+                _log.warning("asap.tasks.lost", task_id=record.id, previous_owner=record.owner)
+                error = {
+                    "type": "TaskLostError",
+                    "message": "the agent running this task stopped before it finished",
+                }
+                await self.storage.tasks.update(
+                    record.id, expect=ACTIVE, status=TaskStatus.FAILED, result={"error": error}
+                )
+
+    # -- running ---------------------------------------------------------------------------
+
+    def find_skill(self, skill_id: str) -> SkillSpec:
+        """The skill named by a request, or :class:`SkillNotFoundError` listing what exists."""
+        spec = self.registry.get(skill_id)
+        if spec is None:
+            raise SkillNotFoundError(skill_id, self.registry.ids())
+        return spec
+
+    async def submit(
+        self,
+        spec: SkillSpec,
+        envelope: Envelope,
+        fingerprint: str = "",
+        *,
+        wait: bool = True,
+        listener: Callable[[dict[str, Any]], None] | None = None,
+    ) -> IdempotencyRecord:
+        """Create the task and run it; with ``wait`` return its outcome, else at once."""
+        assert self.storage is not None
+        request: TaskRequest = envelope.payload
+        record = TaskRecord(
+            id="task_" + generate_id(),
+            conversation_id=request.conversation_id,
+            skill_id=spec.id,
+            sender=envelope.sender,
+            status=TaskStatus.WORKING,
+            request=envelope.model_dump(mode="json"),
+            owner=self.instance,
+            lease_until=time.time() + self.lease,
+        )
+        await self.storage.tasks.create(record)
+        if listener is not None:
+            self.listeners.setdefault(record.id, []).append(listener)
+        task = self.launch(record, spec, None)
+        if not wait:
+            return IdempotencyRecord(fingerprint, record.id, TaskStatus.WORKING.value, None)
+        outcome = await asyncio.shield(task)
+        return IdempotencyRecord(fingerprint, outcome.task_id, outcome.status, outcome.result)
+
+    def launch(
+        self, record: TaskRecord, spec: SkillSpec, resume_from: StateSnapshot | None
+    ) -> asyncio.Task[IdempotencyRecord]:
+        """Run the task in the background and track it."""
+        task = asyncio.create_task(self._execute(record, spec, resume_from), name=record.id)
+        self.running[record.id] = task
+        task.add_done_callback(lambda _: self._forget(record.id))
+        return task
+
+    def _forget(self, task_id: str) -> None:
+        self.running.pop(task_id, None)
+        self.listeners.pop(task_id, None)
+
+    def notify(self, task_id: str, event: dict[str, Any]) -> None:
+        """Pass a progress event to whoever streams this task."""
+        for listener in self.listeners.get(task_id, []):
+            listener(event)
+
+    def task_timeout(self, request: TaskRequest) -> int | None:
+        """Seconds a task may run: the request's ``timeout_seconds``, else the agent default."""
+        requested = request.config.timeout_seconds if request.config else None
+        return requested or self.settings.task_timeout_seconds
+
+    def make_context(
+        self,
+        spec: SkillSpec,
+        envelope: Envelope,
+        task_id: str,
+        resume_from: StateSnapshot | None,
+    ) -> Context:
+        """The :class:`Context` a skill receives for one task."""
+        request: TaskRequest = envelope.payload
+        timeout = self.task_timeout(request)
+        return Context(
+            task_id=task_id,
+            conversation_id=request.conversation_id,
+            trace_id=envelope.trace_id,
+            skill_id=spec.id,
+            envelope=envelope,
+            agent_id=self.agent_id,
+            logger=get_logger("asap.skill"),
+            client=self.client,
+            deadline=time.monotonic() + timeout if timeout else None,
+            peers=self.peers,
+            settings=self.settings,
+            resumed=resume_from,
+            manager=self,
+        )
+
+    async def _execute(
+        self, record: TaskRecord, spec: SkillSpec, resume_from: StateSnapshot | None
+    ) -> IdempotencyRecord:
+        assert self.storage is not None
+        envelope = Envelope.model_validate(record.request)
+        status, result = await self.run_skill(spec, envelope, record.id, resume_from)
+        if status is TaskStatus.CANCELLED and self._stopping and spec.resumable:
+            return IdempotencyRecord("", record.id, TaskStatus.WORKING.value, None)
+        await self.storage.tasks.update(record.id, expect=ACTIVE, status=status, result=result)
+        self.notify(record.id, {"final": True, "status": status.value, "result": result})
+        return IdempotencyRecord("", record.id, status.value, result)
+
+    async def run_skill(
+        self,
+        spec: SkillSpec,
+        envelope: Envelope,
+        task_id: str,
+        resume_from: StateSnapshot | None = None,
+    ) -> tuple[TaskStatus, dict[str, Any] | None]:
+        """Run a skill; an exception becomes a ``failed`` task with a safe error, the deadline
+        or a cancellation a ``failed`` or ``cancelled`` one."""
+        request: TaskRequest = envelope.payload
+        ctx = self.make_context(spec, envelope, task_id, resume_from)
+        task_input = spec.parse_input(request.input)
+        args = (task_input, ctx) if spec.takes_context else (task_input,)
+        started = time.perf_counter()
+        timeout = self.task_timeout(request)
+        deadline_token = current_deadline.set(ctx.deadline)
+        with bound_contextvars(
+            trace_id=envelope.trace_id,
+            correlation_id=envelope.id,
+            skill_id=spec.id,
+            task_id=task_id,
+        ):
+            limit = asyncio.timeout(timeout)
+            try:
+                async with limit:
+                    if spec.is_async:
+                        value = await spec.func(*args)
+                    else:
+                        # A thread cannot be stopped: past the deadline we answer and stop
+                        # waiting, and the thread finishes on its own.
+                        value = await run_in_threadpool(partial(spec.func, *args))
+                result = spec.dump_output(value)
+                status = TaskStatus.COMPLETED
+            except asyncio.CancelledError:
+                _log.info("asap.handler.cancelled")
+                status, result = TaskStatus.CANCELLED, None
+            except TimeoutError as exc:
+                if limit.expired():
+                    _log.warning("asap.handler.timeout", timeout_seconds=timeout)
+                    error = self.deadline_error(spec, timeout)
+                else:  # the skill's own timeout, not our deadline
+                    _log.exception("asap.handler.error", error_type=type(exc).__name__)
+                    error = self.safe_error(exc)
+                status, result = TaskStatus.FAILED, {"error": error}
+            except TaskFailedError as exc:
+                _log.warning("asap.handler.failed", error=exc.message)
+                error = {"type": type(exc).__name__, "message": exc.message}
+                status, result = TaskStatus.FAILED, {"error": error, **exc.result}
+            except Exception as exc:
+                _log.exception("asap.handler.error", error_type=type(exc).__name__)
+                status, result = TaskStatus.FAILED, {"error": self.safe_error(exc)}
+            finally:
+                current_deadline.reset(deadline_token)
+            elapsed = time.perf_counter() - started
+            _log.info(
+                "asap.request.processed", status=status.value, duration_ms=round(elapsed * 1000, 3)
+            )
+        self.metrics.handler_executions.labels("task.request").inc()
+        self.metrics.handler_duration.labels("task.request").observe(elapsed)
+        if status is TaskStatus.FAILED:
+            self.metrics.handler_errors.labels("task.request").inc()
+        return status, result
+
+    def deadline_error(self, spec: SkillSpec, timeout: int | None) -> dict[str, Any]:
+        """The error of a task cancelled at its deadline."""
+        error = ASAPTimeoutError(
+            f"Skill '{spec.id}' did not finish within {timeout} s and was cancelled",
+            {"timeout_seconds": timeout},
+        )
+        return self.safe_error(error)
+
+    def safe_error(self, exc: BaseException) -> dict[str, Any]:
+        """What a caller learns about a skill's exception: type and message (traceback: debug)."""
+        error: dict[str, Any] = {"type": type(exc).__name__, "message": str(exc)}
+        if isinstance(exc, ASAPError):
+            error["code"] = exc.code
+            error["rpc_code"] = exc.rpc_code
+        if self.settings.debug:
+            error["traceback"] = traceback.format_exception(exc)
+        return error
+
+    # -- state.query, task.cancel, state.restore ------------------------------------------
+
+    async def get(self, task_id: str) -> TaskRecord:
+        """The task, or :class:`TaskNotFoundError` (-32010)."""
+        assert self.storage is not None
+        record = await self.storage.tasks.get(task_id)
+        if record is None:
+            raise TaskNotFoundError(task_id)
+        return record
+
+    async def cancel(self, task_id: str, reason: str | None) -> TaskRecord:
+        """Cancel a task wherever it runs; -32010 if unknown, -32030 if already finished."""
+        assert self.storage is not None
+        record = await self.get(task_id)
+        if record.status.is_terminal():
+            raise TaskAlreadyCompletedError(task_id, record.status.value)
+        await self.storage.tasks.update(task_id, expect=ACTIVE, cancel_requested=True)
+        _log.info("asap.tasks.cancel_requested", task_id=task_id, reason=reason)
+        local = self.running.get(task_id)
+        if local is not None:
+            local.cancel()
+            await asyncio.wait([local], timeout=5)
+        else:  # another instance runs it: its lease loop applies the request
+            deadline = time.monotonic() + max(5.0, self.lease)
+            while time.monotonic() < deadline:
+                record = await self.get(task_id)
+                if record.status.is_terminal():
+                    break
+                await asyncio.sleep(0.05)
+        return await self.get(task_id)
+
+    async def restore(
+        self, task_id: str, snapshot_id: str, carried: dict[str, Any] | None
+    ) -> tuple[TaskRecord | None, StateSnapshot]:
+        """Make a snapshot the task's latest state and, for a resumable skill, resume from it.
+
+        ``carried`` is a snapshot sent along in the envelope's ``extensions.snapshot`` (a move
+        from another agent); it is stored first.
+        """
+        assert self.storage is not None
+        snapshots = self.storage.snapshots
+        if carried is not None:
+            moved = StateSnapshot.model_validate(carried)
+            if moved.id != snapshot_id:
+                raise TaskNotFoundError(f"{task_id} (snapshot {snapshot_id})")
+            snapshot = await snapshots.get_by_id(task_id, snapshot_id)
+            if snapshot is None:
+                snapshot = await snapshots.append(task_id, moved.data, checkpoint=True)
+        else:
+            found = await snapshots.get_by_id(task_id, snapshot_id)
+            if found is None:
+                raise TaskNotFoundError(f"{task_id} (snapshot {snapshot_id})")
+            latest = await snapshots.get(task_id)
+            snapshot = found
+            if latest is None or latest.id != found.id:  # roll back: it becomes the latest
+                snapshot = await snapshots.append(task_id, found.data, checkpoint=True)
+        record = await self.storage.tasks.get(task_id)
+        if record is None:
+            return None, snapshot
+        spec = self.registry.get(record.skill_id)
+        running = record.status in ACTIVE and (record.lease_until or 0) >= time.time()
+        if spec is not None and spec.resumable and not running and not record.status.is_terminal():
+            resumed = await self.storage.tasks.update(
+                task_id,
+                status=TaskStatus.WORKING,
+                owner=self.instance,
+                lease_until=time.time() + self.lease,
+                cancel_requested=False,
+            )
+            if resumed is not None:
+                _log.info("asap.tasks.restored", task_id=task_id, version=snapshot.version)
+                self.launch(resumed, spec, snapshot)
+                record = resumed
+        return record, snapshot
+
+    async def follow(self, task_id: str) -> AsyncIterator[dict[str, Any]]:
+        """Progress events of a task running here, ending with the final one."""
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.listeners.setdefault(task_id, []).append(queue.put_nowait)
+        while True:
+            event = await queue.get()
+            yield event
+            if event.get("final"):
+                return
