@@ -5,6 +5,11 @@ task as its parent, goes through the agent's one shared client (retries, circuit
 deadline propagation) and carries an idempotency key derived from the orchestration task, the
 step, the peer and the attempt, so a resend never runs a step twice on a worker.
 
+After every finished step the orchestration saves its results as a checkpoint; the skill is
+resumable, so if its agent stops mid-plan it runs again under the same task id, skips the
+finished steps, and re-sends the unfinished ones with the same idempotency keys: a worker
+that already ran one answers with the stored outcome instead of running it twice.
+
 Per step an error policy decides what a failure means: ``fail`` the orchestration, ``retry``
 the step, ``fallback`` to other peers in order, or ``skip`` it. A step still failing after
 its retries or fallbacks fails the orchestration; only ``skip`` lets it go on. Only peers named
@@ -74,6 +79,9 @@ class Plan(_Strict):
     mode: Literal["sequential", "parallel", "graph"] = "sequential"
     steps: list[PlanStep] = Field(min_length=1)
     max_concurrency: int | None = Field(default=None, ge=1)
+    checkpoint: bool = Field(
+        default=True, description="save the state after every finished step (resumable)"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Plan:
@@ -150,6 +158,23 @@ class Orchestrator:
         limit = min(plan.max_concurrency or max_fan_out, max_fan_out)
         self.slots = asyncio.Semaphore(limit)
         self.log = ctx.logger
+        self.saving = asyncio.Lock()
+        if ctx.resumed is not None:  # restarted: keep what finished before
+            done = ctx.resumed.data.get("results", {})
+            self.state.results = {k: StepOutcome.model_validate(v) for k, v in done.items()}
+            self.log.info("asap.orchestration.resumed", finished=sorted(self.state.results))
+
+    def finished(self, step: PlanStep) -> StepOutcome | None:
+        """The outcome of a step that finished before a restart, if any."""
+        return self.state.results.get(step.id)
+
+    async def checkpoint(self) -> None:
+        """Save every finished step, so a restart resumes after them."""
+        if not self.plan.checkpoint or self.ctx.manager is None:
+            return
+        async with self.saving:  # one at a time: the latest version holds every result
+            results = {k: v.model_dump(mode="json") for k, v in self.state.results.items()}
+            await self.ctx.checkpoint({"results": results})
 
     def refuse(self) -> str | None:
         """Why this plan cannot run here (unknown peers), or None. Checked before any call."""
@@ -197,6 +222,10 @@ class Orchestrator:
     async def _sequential(self) -> None:
         previous: StepOutcome | None = None
         for step in self.plan.steps:
+            done = self.finished(step)
+            if done is not None:
+                previous = done
+                continue
             data = dict(step.input)
             if previous is not None:
                 data["previous_result"] = previous.result
@@ -206,6 +235,9 @@ class Orchestrator:
         done = {step.id: asyncio.Event() for step in self.plan.steps}
 
         async def run(step: PlanStep) -> None:
+            if self.finished(step) is not None:
+                done[step.id].set()
+                return
             try:
                 data = dict(step.input)
                 if step.depends_on:
@@ -237,6 +269,8 @@ class Orchestrator:
             self.state.step = step.id
             outcome = await self._attempt_all(step, data)
         self.state.results[step.id] = outcome
+        if outcome.status != "failed":
+            await self.checkpoint()
         if outcome.status == "failed":  # 'retry' and 'fallback' fail too once exhausted
             self.state.error = f"step {step.id!r} failed: {outcome.error}"
             self.state.step = f"failed_at_{step.id}"

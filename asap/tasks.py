@@ -175,7 +175,13 @@ class TaskManager:
         task = self.launch(record, spec, None)
         if not wait:
             return IdempotencyRecord(fingerprint, record.id, TaskStatus.WORKING.value, None)
-        outcome = await asyncio.shield(task)
+        try:
+            outcome = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.cancelled():
+                raise  # the caller itself was cancelled
+            stored = await self.get(record.id)  # cancelled before it ran
+            return IdempotencyRecord(fingerprint, stored.id, stored.status.value, stored.result)
         return IdempotencyRecord(fingerprint, outcome.task_id, outcome.status, outcome.result)
 
     def launch(
@@ -342,6 +348,8 @@ class TaskManager:
         if local is not None:
             local.cancel()
             await asyncio.wait([local], timeout=5)
+            # cancelled before it ever ran, the task had no chance to record it
+            await self.storage.tasks.update(task_id, expect=ACTIVE, status=TaskStatus.CANCELLED)
         else:  # another instance runs it: its lease loop applies the request
             deadline = time.monotonic() + max(5.0, self.lease)
             while time.monotonic() < deadline:

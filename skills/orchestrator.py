@@ -12,7 +12,7 @@ from asap.errors import TaskFailedError
 from asap.orchestration import OrchestrationOutput, Orchestrator, Plan
 
 
-@skill("orchestrate", description="Run a plan of steps on peer agents")
+@skill("orchestrate", description="Run a plan of steps on peer agents", resumable=True)
 async def orchestrate(plan: Plan, ctx: Context) -> OrchestrationOutput:
     """Run ``plan``: sequential, parallel or dependency-graph, with per-step error policies."""
     max_steps = ctx.settings.max_plan_steps if ctx.settings else 100

@@ -58,3 +58,16 @@ async def fail(data: dict[str, Any]) -> dict[str, Any]:
 @skill("bad-return")
 def bad_return(data: dict[str, Any]) -> Any:
     return ["not", "a", "dict"]
+
+
+@skill("progress", resumable=True)
+async def progress(data: dict[str, Any], ctx: Context) -> dict[str, Any]:
+    """Checkpoint and report progress for ``steps`` steps of ``seconds`` each; on resume,
+    continue after the last checkpointed step."""
+    steps = int(data.get("steps", 3))
+    first = ctx.resumed.data["done"] if ctx.resumed is not None else 0
+    for step in range(first, steps):
+        await asyncio.sleep(float(data.get("seconds", 0)))
+        await ctx.checkpoint({"done": step + 1})
+        await ctx.report_progress(100 * (step + 1) / steps, f"step {step + 1} of {steps}")
+    return {"done": steps, "resumed_from": first}

@@ -27,6 +27,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import orjson
 
 from asap.errors import ConfigurationError
+from asap.models.base import utc_now
 from asap.models.entities import StateSnapshot
 from asap.models.enums import TaskStatus
 from asap.models.ids import generate_id
@@ -51,7 +52,6 @@ OPTIONS = frozenset(
 )
 """Options :func:`sqlite_storage` accepts (``idempotency_max_entries`` is the memory backend's
 and ignored here: rows are bounded by their TTL)."""
-OTHER_BACKEND_OPTIONS = frozenset({"key_prefix"})
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS snapshots (
@@ -87,13 +87,6 @@ def database_path(url: str) -> str:
             "sqlite:////absolute/path.db or sqlite:///:memory:"
         )
     return path
-
-
-def check_options(options: dict[str, Any], known: frozenset[str], backend: str) -> None:
-    """Fail fast on a misspelt option; options of the other backends are ignored."""
-    unknown = set(options) - known - OTHER_BACKEND_OPTIONS - OPTIONS
-    if unknown:
-        raise ConfigurationError(f"unknown {backend} storage options: {sorted(unknown)}")
 
 
 def to_json(value: Any, what: str) -> str:
@@ -235,17 +228,6 @@ SNAPSHOT_COLUMNS = "task_id, id, version, data, checkpoint, created_at"
 INSERT_SNAPSHOT = f"INSERT INTO snapshots ({SNAPSHOT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)"
 
 
-def snapshot_row(snapshot: StateSnapshot, data: str) -> tuple[Any, ...]:
-    return (
-        snapshot.task_id,
-        snapshot.id,
-        snapshot.version,
-        data,
-        int(snapshot.checkpoint),
-        snapshot.created_at.isoformat(),
-    )
-
-
 class SQLiteSnapshotStore(SnapshotStore):
     """Snapshots in the ``snapshots`` table (spec 5 columns)."""
 
@@ -256,7 +238,14 @@ class SQLiteSnapshotStore(SnapshotStore):
         return f"SQLiteSnapshotStore({self._db.path!r})"
 
     async def save(self, snapshot: StateSnapshot) -> None:
-        row = snapshot_row(snapshot, to_json(snapshot.data, "snapshot data"))
+        row = (
+            snapshot.task_id,
+            snapshot.id,
+            snapshot.version,
+            to_json(snapshot.data, "snapshot data"),
+            int(snapshot.checkpoint),
+            snapshot.created_at.isoformat(),
+        )
 
         def insert(conn: sqlite3.Connection) -> None:
             try:
@@ -272,9 +261,7 @@ class SQLiteSnapshotStore(SnapshotStore):
         self, task_id: str, data: dict[str, Any], *, checkpoint: bool = False
     ) -> StateSnapshot:
         text = to_json(data, "snapshot data")
-        draft = StateSnapshot(
-            id=f"snap_{generate_id()}", task_id=task_id, version=1, data={}, checkpoint=checkpoint
-        )
+        snapshot_id, created_at = f"snap_{generate_id()}", utc_now()
 
         def insert_next(conn: sqlite3.Connection) -> int:
             with immediate(conn):
@@ -282,15 +269,19 @@ class SQLiteSnapshotStore(SnapshotStore):
                     "SELECT COALESCE(MAX(version), 0) + 1 FROM snapshots WHERE task_id = ?",
                     (task_id,),
                 ).fetchone()
-                conn.execute(INSERT_SNAPSHOT, snapshot_row(draft, text)[:2] + (version,) + (
-                    text,
-                    int(checkpoint),
-                    draft.created_at.isoformat(),
-                ))
+                row = (task_id, snapshot_id, version, text, int(checkpoint), created_at.isoformat())
+                conn.execute(INSERT_SNAPSHOT, row)
             return int(version)
 
         version = await self._db.run(insert_next)
-        return draft.model_copy(update={"version": version, "data": orjson.loads(text)})
+        return StateSnapshot(
+            id=snapshot_id,
+            task_id=task_id,
+            version=version,
+            data=orjson.loads(text),
+            checkpoint=checkpoint,
+            created_at=created_at,
+        )
 
     async def get(self, task_id: str, version: int | None = None) -> StateSnapshot | None:
         if version is None:
