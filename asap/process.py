@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import httpx
 
@@ -31,7 +32,8 @@ class AgentProcess:
     """A child process serving an agent on ``127.0.0.1:port``.
 
     ``args`` is the command after the Python interpreter (e.g. ``["-m", "uvicorn", ...]``).
-    Output goes to ``log_path`` (or is discarded), so a chatty child never blocks on a pipe.
+    Output goes to ``log_path``, to this process's own output with ``inherit_output``, or is
+    discarded; never to a pipe, so a chatty child never blocks.
     """
 
     def __init__(
@@ -43,6 +45,7 @@ class AgentProcess:
         log_path: Path | None = None,
         python: str = sys.executable,
         ready_path: str = "/health",
+        inherit_output: bool = False,
     ) -> None:
         self.args = [python, *args]
         self.port = port
@@ -50,6 +53,7 @@ class AgentProcess:
         self.env = {**os.environ, **(env or {})}
         self.log_path = log_path
         self.ready_path = ready_path
+        self.inherit_output = inherit_output
         self.process: subprocess.Popen[bytes] | None = None
 
     def __repr__(self) -> str:
@@ -62,14 +66,16 @@ class AgentProcess:
 
     def start(self, timeout: float = 30.0, *, wait: bool = True) -> AgentProcess:
         """Start the process and (unless ``wait`` is false) wait until it is ready."""
-        output = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        output: Any = None if self.inherit_output else subprocess.DEVNULL
+        if self.log_path:
+            output = open(self.log_path, "ab")  # noqa: SIM115
         try:
             self.process = subprocess.Popen(
                 self.args, env=self.env, stdout=output, stderr=subprocess.STDOUT
             )
         finally:
             if self.log_path:
-                output.close()  # type: ignore[union-attr]
+                output.close()
         if wait:
             self.wait_ready(timeout)
         return self
