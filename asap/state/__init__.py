@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from asap.errors import ConfigurationError
 from asap.state.store import Storage
@@ -26,8 +26,19 @@ BACKENDS: dict[str, str] = {
 
 
 async def open_storage(url: str, **options: Any) -> Storage:
-    """Open the backend ``url`` names (``memory://``, ``sqlite:///path``, ``redis://...``)."""
-    scheme = urlsplit(url).scheme
+    """Open the backend ``url`` names (``memory://``, ``sqlite:///path``, ``redis://...``).
+
+    A Redis URL may carry ``?prefix=name:`` to keep several deployments (or test runs) apart
+    in one database; it becomes the ``key_prefix`` option.
+    """
+    parts = urlsplit(url)
+    scheme = parts.scheme
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    prefix = [value for name, value in query if name == "prefix"]
+    if prefix and scheme.startswith("redis"):
+        options["key_prefix"] = prefix[-1]
+        rest = urlencode([(name, value) for name, value in query if name != "prefix"])
+        url = urlunsplit(parts._replace(query=rest))
     target = BACKENDS.get(scheme)
     if target is None:
         raise ConfigurationError(
