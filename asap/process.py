@@ -46,6 +46,7 @@ class AgentProcess:
         python: str = sys.executable,
         ready_path: str = "/health",
         inherit_output: bool = False,
+        cwd: Path | None = None,
     ) -> None:
         self.args = [python, *args]
         self.port = port
@@ -54,6 +55,7 @@ class AgentProcess:
         self.log_path = log_path
         self.ready_path = ready_path
         self.inherit_output = inherit_output
+        self.cwd = cwd
         self.process: subprocess.Popen[bytes] | None = None
 
     def __repr__(self) -> str:
@@ -71,7 +73,7 @@ class AgentProcess:
             output = open(self.log_path, "ab")  # noqa: SIM115
         try:
             self.process = subprocess.Popen(
-                self.args, env=self.env, stdout=output, stderr=subprocess.STDOUT
+                self.args, env=self.env, stdout=output, stderr=subprocess.STDOUT, cwd=self.cwd
             )
         finally:
             if self.log_path:

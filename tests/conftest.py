@@ -50,6 +50,19 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def isolated_storage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Agents started by tests keep their state in memory unless a test says otherwise, so
+    no run leaves (or inherits) an ``asap-state.db`` in the repository."""
+    previous = os.environ.get("ASAP_STORAGE_URL")
+    os.environ["ASAP_STORAGE_URL"] = "memory://"
+    yield
+    if previous is None:
+        del os.environ["ASAP_STORAGE_URL"]
+    else:
+        os.environ["ASAP_STORAGE_URL"] = previous
+
+
 @pytest.fixture
 async def echo_http() -> AsyncIterator[httpx.AsyncClient]:
     """Raw HTTP access to an in-process echo agent."""

@@ -54,5 +54,6 @@ async def open_storage(url: str, **options: Any) -> Storage:
     storage = getattr(module, factory_name)(url, **options)
     if hasattr(storage, "__await__"):
         storage = await storage
-    assert isinstance(storage, Storage)
+    if not isinstance(storage, Storage):
+        raise ConfigurationError(f"storage factory {target} did not return a Storage")
     return storage

@@ -16,6 +16,7 @@ died), then ``done`` with the outcome until its TTL ends.
 from __future__ import annotations
 
 import asyncio
+import copy
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -73,15 +74,14 @@ CREATE INDEX IF NOT EXISTS idempotency_by_expiry ON idempotency (expires);
 ACTIVE = ("submitted", "working")
 POLL_FIRST, POLL_MAX = 0.01, 0.2
 """Seconds between two looks at a key another process is computing (doubling)."""
-CHUNK = 500
-"""Ids per ``IN (...)``: below SQLite's oldest limit on bound parameters (999)."""
 
 
 def database_path(url: str) -> str:
-    """The file (or ``:memory:``) a ``sqlite:///relative``, ``sqlite:////abs`` URL names."""
+    """The file a ``sqlite:///relative`` (to the working directory), ``sqlite:////absolute``
+    or ``sqlite:///:memory:`` URL names."""
     prefix = "sqlite:///"
-    path = url[len(prefix) :].split("?", 1)[0] if url.startswith(prefix) else ""
-    if not path:
+    path = url[len(prefix) :] if url.startswith(prefix) else ""
+    if not path or "?" in path or "#" in path:
         raise ConfigurationError(
             f"ASAP_STORAGE_URL: {url!r} names no SQLite file; use sqlite:///relative/path.db, "
             "sqlite:////absolute/path.db or sqlite:///:memory:"
@@ -106,7 +106,7 @@ def apply_changes(
         return None
     if expect is not None and record.status not in expect:
         return None
-    unknown = set(changes) - set(TaskRecord.__dataclass_fields__) | ({"id"} & set(changes))
+    unknown = set(changes) - (set(TaskRecord.__dataclass_fields__) - {"id"})
     if unknown:
         raise TypeError(f"TaskStore.update: cannot change {sorted(unknown)}")
     if "status" in changes:
@@ -115,13 +115,6 @@ def apply_changes(
     data = record.to_dict() | changes
     data["updated_at"] = time.time()
     return TaskRecord.from_dict(data)
-
-
-def can_claim(record: TaskRecord, now: float) -> bool:
-    """Whether the lease of a submitted or working task ended before ``now``."""
-    return (
-        record.status.value in ACTIVE and record.lease_until is not None and record.lease_until < now
-    )
 
 
 @contextmanager
@@ -179,9 +172,12 @@ class Database:
         """Create the connection, the pragmas and the tables (on the worker thread)."""
         try:
             await asyncio.get_running_loop().run_in_executor(self._executor, self._connect)
-        except sqlite3.Error as exc:
+        except BaseException as exc:
+            self._closed = True
             self._executor.shutdown(wait=False)
-            raise StorageError(f"SQLite: cannot open {self.path!r}: {exc}") from exc
+            if isinstance(exc, sqlite3.Error):
+                raise StorageError(f"SQLite: cannot open {self.path!r}: {exc}") from exc
+            raise
 
     async def run(
         self,
@@ -197,6 +193,18 @@ class Database:
             return await loop.run_in_executor(self._executor, self._call, fn, args, kwargs)
         except sqlite3.Error as exc:
             raise StorageError(f"SQLite {self.path!r}: {exc}") from exc
+
+    async def fetchone(self, sql: str, *args: Any) -> Any:
+        """The first row of ``sql``, or None."""
+        return await self.run(lambda conn: conn.execute(sql, args).fetchone())
+
+    async def fetchall(self, sql: str, *args: Any) -> list[Any]:
+        """Every row of ``sql``."""
+        return await self.run(lambda conn: conn.execute(sql, args).fetchall())
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        """Run one statement; how many rows it changed."""
+        return await self.run(lambda conn: conn.execute(sql, args).rowcount)
 
     async def aclose(self) -> None:
         """Close the connection and stop the thread; later calls are no-ops."""
@@ -285,45 +293,320 @@ class SQLiteSnapshotStore(SnapshotStore):
 
     async def get(self, task_id: str, version: int | None = None) -> StateSnapshot | None:
         if version is None:
-            sql, args = "WHERE task_id = ? ORDER BY version DESC LIMIT 1", (task_id,)
-        else:
-            sql, args = "WHERE task_id = ? AND version = ?", (task_id, version)
-        return await self._fetch_one(sql, args)
+            return await self._fetch_one("WHERE task_id = ? ORDER BY version DESC LIMIT 1", task_id)
+        return await self._fetch_one("WHERE task_id = ? AND version = ?", task_id, version)
 
     async def get_by_id(self, task_id: str, snapshot_id: str) -> StateSnapshot | None:
-        return await self._fetch_one("WHERE task_id = ? AND id = ?", (task_id, snapshot_id))
+        return await self._fetch_one("WHERE task_id = ? AND id = ?", task_id, snapshot_id)
 
-    async def _fetch_one(self, where: str, args: tuple[Any, ...]) -> StateSnapshot | None:
-        def fetch(conn: sqlite3.Connection) -> tuple[Any, ...] | None:
-            row: tuple[Any, ...] | None = conn.execute(
-                f"SELECT {SNAPSHOT_COLUMNS} FROM snapshots {where}", args
-            ).fetchone()
-            return row
-
-        row = await self._db.run(fetch)
+    async def _fetch_one(self, where: str, *args: Any) -> StateSnapshot | None:
+        row = await self._db.fetchone(f"SELECT {SNAPSHOT_COLUMNS} FROM snapshots {where}", *args)
         return snapshot_from_row(row) if row is not None else None
 
     async def list_versions(self, task_id: str) -> list[int]:
-        def fetch(conn: sqlite3.Connection) -> list[int]:
-            rows = conn.execute(
-                "SELECT version FROM snapshots WHERE task_id = ? ORDER BY version", (task_id,)
-            )
-            return [int(version) for (version,) in rows]
-
-        return await self._db.run(fetch)
+        rows = await self._db.fetchall(
+            "SELECT version FROM snapshots WHERE task_id = ? ORDER BY version", task_id
+        )
+        return [int(version) for (version,) in rows]
 
     async def delete(self, task_id: str, version: int | None = None) -> bool:
-        def remove(conn: sqlite3.Connection) -> bool:
-            if version is None:
-                cursor = conn.execute("DELETE FROM snapshots WHERE task_id = ?", (task_id,))
-            else:
-                cursor = conn.execute(
-                    "DELETE FROM snapshots WHERE task_id = ? AND version = ?", (task_id, version)
-                )
-            return cursor.rowcount > 0
-
-        return await self._db.run(remove)
+        if version is None:
+            return await self._db.execute("DELETE FROM snapshots WHERE task_id = ?", task_id) > 0
+        sql = "DELETE FROM snapshots WHERE task_id = ? AND version = ?"
+        return await self._db.execute(sql, task_id, version) > 0
 
     async def aclose(self) -> None:
         """Close the shared connection (once for the three stores)."""
         await self._db.aclose()
+
+
+def load_task(text: str) -> TaskRecord:
+    return TaskRecord.from_dict(orjson.loads(text))
+
+
+TERMINAL = tuple(status.value for status in TaskStatus if status.is_terminal())
+WRITE_TASK = (
+    "UPDATE tasks SET status = ?, owner = ?, lease_until = ?, cancel_requested = ?, record = ? "
+    "WHERE id = ?"
+)
+
+
+def task_values(record: TaskRecord) -> tuple[Any, ...]:
+    """Parameters of :data:`WRITE_TASK` (and of the insert, same order)."""
+    return (
+        record.status.value,
+        record.owner,
+        record.lease_until,
+        int(record.cancel_requested),
+        to_json(record.to_dict(), "task record"),
+        record.id,
+    )
+
+
+class SQLiteTaskStore(TaskStore):
+    """Task records in the ``tasks`` table; every change is one ``BEGIN IMMEDIATE`` transaction."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def __repr__(self) -> str:
+        return f"SQLiteTaskStore({self._db.path!r})"
+
+    async def create(self, record: TaskRecord) -> None:
+        values = task_values(record)
+
+        def insert(conn: sqlite3.Connection) -> None:
+            try:
+                conn.execute(
+                    "INSERT INTO tasks (status, owner, lease_until, cancel_requested, record, id) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    values,
+                )
+            except sqlite3.IntegrityError as exc:
+                raise StorageError(f"Task {record.id} already exists") from exc
+
+        await self._db.run(insert)
+
+    async def get(self, task_id: str) -> TaskRecord | None:
+        row = await self._db.fetchone("SELECT record FROM tasks WHERE id = ?", task_id)
+        return load_task(row[0]) if row is not None else None
+
+    async def update(
+        self, task_id: str, *, expect: frozenset[TaskStatus] | None = None, **changes: Any
+    ) -> TaskRecord | None:
+        def compare_and_set(conn: sqlite3.Connection) -> TaskRecord | None:
+            with immediate(conn):
+                row = conn.execute("SELECT record FROM tasks WHERE id = ?", (task_id,)).fetchone()
+                if row is None:
+                    return None
+                updated = apply_changes(load_task(row[0]), expect, changes)
+                if updated is not None:
+                    conn.execute(WRITE_TASK, task_values(updated))
+                return updated
+
+        return await self._db.run(compare_and_set)
+
+    async def expired(self, now: float) -> list[TaskRecord]:
+        sql = f"SELECT record FROM tasks WHERE status IN {ACTIVE} AND lease_until < ?"
+        return [load_task(text) for (text,) in await self._db.fetchall(sql, now)]
+
+    async def claim(self, task_id: str, owner: str, lease_until: float, now: float) -> bool:
+        expired = f"AND status IN {ACTIVE} AND lease_until < ?"
+
+        def take(conn: sqlite3.Connection) -> bool:
+            with immediate(conn):
+                sql = f"SELECT record FROM tasks WHERE id = ? {expired}"
+                row = conn.execute(sql, (task_id, now)).fetchone()
+                if row is None:
+                    return False
+                record = load_task(row[0])
+                record.owner, record.lease_until = owner, lease_until
+                record.updated_at = time.time()
+                cursor = conn.execute(f"{WRITE_TASK} {expired}", (*task_values(record), now))
+                return cursor.rowcount == 1
+
+        return await self._db.run(take)
+
+    async def renew(self, task_ids: list[str], owner: str, lease_until: float) -> None:
+        held = f"SELECT record FROM tasks WHERE id = ? AND owner = ? AND status NOT IN {TERMINAL}"
+
+        def extend(conn: sqlite3.Connection) -> None:
+            with immediate(conn):
+                for task_id in dict.fromkeys(task_ids):
+                    row = conn.execute(held, (task_id, owner)).fetchone()
+                    if row is not None:
+                        record = load_task(row[0])
+                        record.lease_until = lease_until
+                        conn.execute(WRITE_TASK, task_values(record))
+
+        await self._db.run(extend)
+
+    async def cancel_requested(self, task_ids: list[str]) -> list[str]:
+        asked = "SELECT 1 FROM tasks WHERE id = ? AND cancel_requested = 1"
+
+        def fetch(conn: sqlite3.Connection) -> list[str]:
+            return [t for t in task_ids if conn.execute(asked, (t,)).fetchone() is not None]
+
+        return await self._db.run(fetch)
+
+    async def aclose(self) -> None:
+        """Close the shared connection (once for the three stores)."""
+        await self._db.aclose()
+
+
+@dataclass
+class Running:
+    """A key this process is working on: duplicates from this process wait on ``future``."""
+
+    fingerprint: str
+    future: asyncio.Future[IdempotencyRecord]
+
+
+LOOK = "SELECT state, fingerprint, record FROM idempotency WHERE key = ? AND expires > ?"
+
+
+class SQLiteIdempotencyStore(IdempotencyStore):
+    """Outcomes in the ``idempotency`` table, shared by every process using the file.
+
+    A row inserted as ``pending`` is the claim: its runner computes while duplicates poll it;
+    a runner that dies stops its heartbeat, so its row expires after ``takeover`` seconds and
+    the next caller claims the key. Outcomes are kept ``ttl`` seconds.
+    """
+
+    def __init__(self, db: Database, ttl: float = 3600.0, takeover: float = 60.0) -> None:
+        if ttl <= 0 or takeover <= 0:
+            raise ValueError("idempotency_ttl and idempotency_takeover must be positive")
+        self._db = db
+        self.ttl = ttl
+        self.takeover = takeover
+        self._running: dict[str, Running] = {}
+        self._next_sweep = 0.0
+
+    def __repr__(self) -> str:
+        return (
+            f"SQLiteIdempotencyStore({self._db.path!r}, ttl={self.ttl}, takeover={self.takeover})"
+        )
+
+    async def run_once(
+        self,
+        key: str,
+        fingerprint: str,
+        compute: Callable[[], Awaitable[IdempotencyRecord]],
+    ) -> tuple[IdempotencyRecord, bool]:
+        while (local := self._running.get(key)) is not None:
+            if local.fingerprint != fingerprint:
+                raise key_reused(key)
+            try:
+                return copy.deepcopy(await asyncio.shield(local.future)), True
+            except Exception:
+                continue  # that run failed: compete to run it again
+        future: asyncio.Future[IdempotencyRecord] = asyncio.get_running_loop().create_future()
+        local = Running(fingerprint, future)
+        self._running[key] = local
+        try:
+            record, replay = await self._lead(key, fingerprint, compute)
+        except BaseException as exc:
+            future.set_exception(exc if isinstance(exc, Exception) else RuntimeError("cancelled"))
+            future.exception()  # mark retrieved: there may be no waiter
+            raise
+        finally:
+            if self._running.get(key) is local:
+                del self._running[key]
+        future.set_result(record)
+        return record, replay
+
+    async def _lead(
+        self, key: str, fingerprint: str, compute: Callable[[], Awaitable[IdempotencyRecord]]
+    ) -> tuple[IdempotencyRecord, bool]:
+        token, delay, look = generate_id(), POLL_FIRST, False
+        while True:
+            if look:
+                row = await self._db.fetchone(LOOK, key, time.time())
+                state, owner, text = row if row is not None else ("absent", "", None)
+            else:
+                state, owner, text = await self._db.run(
+                    self._claim, key, fingerprint, token, time.time()
+                )
+            if state == "claimed":
+                return await self._compute(key, token, compute), False
+            if state == "absent":  # the runner failed or its row expired: claim it
+                look = False
+                continue
+            if owner != fingerprint:
+                raise key_reused(key)
+            if state == "done" and text is not None:
+                return IdempotencyRecord(**orjson.loads(text)), True
+            await asyncio.sleep(delay)
+            delay, look = min(delay * 2, POLL_MAX), True
+
+    def _claim(
+        self, conn: sqlite3.Connection, key: str, fp: str, token: str, now: float
+    ) -> tuple[str, str, str | None]:
+        """Take ``key`` (``claimed``) or say what holds it: (state, fingerprint, record)."""
+        with immediate(conn):
+            if now >= self._next_sweep:  # drop every expired row now and then (only this thread)
+                self._next_sweep = now + min(self.ttl, 60.0)
+                conn.execute("DELETE FROM idempotency WHERE expires <= ?", (now,))
+            else:
+                conn.execute("DELETE FROM idempotency WHERE key = ? AND expires <= ?", (key, now))
+            cursor = conn.execute(
+                "INSERT OR IGNORE INTO idempotency (key, fingerprint, state, token, expires) "
+                "VALUES (?, ?, 'pending', ?, ?)",
+                (key, fp, token, now + self.takeover),
+            )
+            if cursor.rowcount == 1:
+                return "claimed", fp, None
+            state, owner, text = conn.execute(
+                "SELECT state, fingerprint, record FROM idempotency WHERE key = ?", (key,)
+            ).fetchone()
+            return state, owner, text
+
+    async def _compute(
+        self, key: str, token: str, compute: Callable[[], Awaitable[IdempotencyRecord]]
+    ) -> IdempotencyRecord:
+        heartbeat = asyncio.create_task(self._heartbeat(key, token))
+        try:
+            record = await compute()
+            text = to_json(asdict(record), "idempotency record")
+        except BaseException:
+            heartbeat.cancel()
+            try:
+                await self._db.execute(
+                    "DELETE FROM idempotency WHERE key = ? AND token = ?", key, token
+                )
+            except StorageError as exc:  # the row expires after `takeover` anyway
+                warn("idempotency_release_failed", key=key, error=str(exc))
+            raise
+        heartbeat.cancel()
+        await asyncio.wait([heartbeat])
+        done = await self._db.execute(
+            "UPDATE idempotency SET state = 'done', record = ?, expires = ?, token = NULL "
+            "WHERE key = ? AND token = ?",
+            *(text, time.time() + self.ttl, key, token),
+        )
+        if not done:
+            warn("idempotency_claim_lost", key=key, takeover=self.takeover)
+        return record
+
+    async def _heartbeat(self, key: str, token: str) -> None:
+        """Keep the claim while ``compute`` runs, however long it takes."""
+        while True:
+            await asyncio.sleep(self.takeover / 3)
+            try:
+                await self._db.execute(
+                    "UPDATE idempotency SET expires = ? WHERE key = ? AND token = ?",
+                    *(time.time() + self.takeover, key, token),
+                )
+            except StorageError as exc:
+                warn("idempotency_heartbeat_failed", key=key, error=str(exc))
+
+    async def aclose(self) -> None:
+        """Close the shared connection (once for the three stores)."""
+        await self._db.aclose()
+
+
+def warn(event: str, **values: Any) -> None:
+    """Log a warning (the logger is looked up here so importing configures nothing)."""
+    from asap.observability.logging import get_logger
+
+    get_logger("asap.state").warning(event, **values)
+
+
+async def sqlite_storage(url: str, **options: Any) -> Storage:
+    """Open (creating if needed) the SQLite file ``url`` names.
+
+    Options: ``busy_timeout`` (seconds a writer waits for another process's lock, 15),
+    ``idempotency_ttl`` (seconds an outcome is kept, 3600), ``idempotency_takeover`` (seconds
+    after which the claim of a runner that stopped sending heartbeats may be taken, 60).
+    """
+    unknown = set(options) - OPTIONS - {"key_prefix"}  # key_prefix: the Redis backend's
+    if unknown:
+        raise ConfigurationError(f"unknown SQLite storage options: {sorted(unknown)}")
+    db = Database(database_path(url), float(options.get("busy_timeout", 15.0)))
+    idempotency = SQLiteIdempotencyStore(
+        db,
+        float(options.get("idempotency_ttl", 3600.0)),
+        float(options.get("idempotency_takeover", 60.0)),
+    )
+    await db.open()
+    return Storage(url, SQLiteSnapshotStore(db), SQLiteTaskStore(db), idempotency)

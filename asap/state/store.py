@@ -12,7 +12,9 @@ Contract, for every backend:
   existing version (it raises :class:`SnapshotConflictError`);
 - task updates are compare-and-set on the status (:meth:`TaskStore.update` with
   ``expect``), so two workers cannot both move a task, and the spec 2.3 transitions hold;
-- no call blocks the event loop.
+- no call blocks the event loop;
+- stored data is JSON (tuples come back as lists; sets and non-string keys are refused by the
+  durable backends).
 """
 
 from __future__ import annotations
@@ -232,6 +234,16 @@ class MemorySnapshotStore(SnapshotStore):
             return versions.pop(version, None) is not None
 
 
+_EXAMPLE: dict[str, Any] = {
+    "id": "",
+    "conversation_id": "",
+    "skill_id": "",
+    "sender": "",
+    "status": TaskStatus.SUBMITTED,
+    "request": {},
+}
+
+
 class MemoryTaskStore(TaskStore):
     """Task records in this process (copies in and out)."""
 
@@ -250,6 +262,11 @@ class MemoryTaskStore(TaskStore):
     async def update(
         self, task_id: str, *, expect: frozenset[TaskStatus] | None = None, **changes: Any
     ) -> TaskRecord | None:
+        unknown = set(changes) - set(vars(TaskRecord(**_EXAMPLE))) | ({"id"} & set(changes))
+        if unknown:
+            raise TypeError(f"cannot update task fields {sorted(unknown)}")
+        if "status" in changes:
+            changes["status"] = TaskStatus(changes["status"])
         record = self._tasks.get(task_id)
         if record is None or (expect is not None and record.status not in expect):
             return None
@@ -296,7 +313,8 @@ class Storage:
     tasks: TaskStore
     idempotency: IdempotencyStore
     shared: bool = False
-    """True when other processes see the same state (Redis)."""
+    """True when other hosts see the same state (Redis). Processes on one host also share
+    a SQLite file."""
 
     async def aclose(self) -> None:
         """Release connections and threads."""

@@ -12,11 +12,12 @@ one process, bounded by a TTL and an entry cap (oldest evicted first).
 from __future__ import annotations
 
 import asyncio
+import copy
 import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from asap.errors import InvalidParamsError
@@ -120,10 +121,10 @@ class MemoryIdempotencyStore(IdempotencyStore):
             if entry.fingerprint != fingerprint:
                 raise key_reused(key)
             if entry.record is not None:
-                return entry.record, True
+                return _copy(entry.record), True
             assert entry.running is not None
             try:
-                return await asyncio.shield(entry.running), True
+                return _copy(await asyncio.shield(entry.running)), True
             except Exception:
                 continue  # the first run failed: try again (one waiter will run it)
         future: asyncio.Future[IdempotencyRecord] = asyncio.get_running_loop().create_future()
@@ -141,4 +142,9 @@ class MemoryIdempotencyStore(IdempotencyStore):
         entry.expires = self.clock() + self.ttl
         future.set_result(record)
         self._evict()
-        return record, False
+        return _copy(record), False
+
+
+def _copy(record: IdempotencyRecord) -> IdempotencyRecord:
+    """A copy the caller may change without changing what is stored."""
+    return replace(record, result=copy.deepcopy(record.result))

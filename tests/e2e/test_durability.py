@@ -204,3 +204,17 @@ def test_two_processes_on_redis_are_one_agent(tmp_path: Path) -> None:
     finally:
         for agent in agents:
             agent.stop()
+        forget_keys(prefix)
+
+
+def forget_keys(prefix: str) -> None:
+    """Delete what the test wrote to Redis."""
+    import redis
+
+    client = redis.Redis(host="127.0.0.1", port=6379, db=0)
+    try:
+        keys = list(client.scan_iter(match=prefix + "*"))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()

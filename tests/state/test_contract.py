@@ -1,0 +1,603 @@
+"""One contract, every storage backend: memory, SQLite and a real Redis (style rule 19).
+
+The Redis case is skipped only outside CI when no Redis answers at ``ASAP_TEST_REDIS_URL``
+(default ``redis://127.0.0.1:6379/0``); with ``CI`` set a missing Redis fails the run. Each Redis
+test works under its own key prefix and deletes its keys afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from asap.errors import ConfigurationError, InvalidParamsError, InvalidTransitionError
+from asap.models.entities import StateSnapshot
+from asap.models.enums import TaskStatus
+from asap.state import open_storage
+from asap.state.store import SnapshotConflictError, Storage, StorageError, TaskRecord
+from asap.transport.idempotency import IdempotencyRecord
+
+pytestmark = pytest.mark.anyio
+
+ROOT = Path(__file__).resolve().parents[2]
+REDIS_URL = os.environ.get("ASAP_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+SUBMITTED, WORKING = TaskStatus.SUBMITTED, TaskStatus.WORKING
+COMPLETED, FAILED = TaskStatus.COMPLETED, TaskStatus.FAILED
+
+
+@dataclass
+class Backend:
+    name: str
+    url: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    async def open(self, **options: Any) -> Storage:
+        return await open_storage(self.url, **self.options, **options)
+
+
+def require_redis() -> None:
+    """Skip (outside CI) or fail (in CI) when Redis is not reachable."""
+    try:
+        import redis
+
+        client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1, socket_timeout=1)
+        try:
+            client.ping()
+        finally:
+            client.close()
+    except Exception as exc:
+        reason = f"Redis not reachable at {REDIS_URL}: {exc!r} (start redis-server)"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
+def delete_redis_keys(prefix: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    if request.param == "memory":
+        yield Backend("memory", "memory://")
+    elif request.param == "sqlite":
+        yield Backend("sqlite", f"sqlite:///{tmp_path}/state.db")
+    else:
+        require_redis()
+        prefix = f"asap-test:{uuid.uuid4().hex}:"
+        yield Backend("redis", REDIS_URL, {"key_prefix": prefix})
+        delete_redis_keys(prefix)
+
+
+@pytest.fixture
+async def storage(backend: Backend) -> AsyncIterator[Storage]:
+    opened = await backend.open()
+    yield opened
+    await opened.aclose()
+
+
+def task(task_id: str = "task-1", **values: Any) -> TaskRecord:
+    fields: dict[str, Any] = {
+        "id": task_id,
+        "conversation_id": "conv-1",
+        "skill_id": "echo",
+        "sender": "urn:asap:agent:client",
+        "status": SUBMITTED,
+        "request": {"payload": {"input": {"message": "hi"}}},
+    }
+    return TaskRecord(**(fields | values))
+
+
+def outcome(result: Any = "ok") -> IdempotencyRecord:
+    return IdempotencyRecord("fp", "task-1", "completed", {"value": result})
+
+
+# Snapshots
+
+
+async def test_snapshots_are_copied_in_and_out(storage: Storage) -> None:
+    data = {"nested": {"items": [1, 2]}}
+    appended = await storage.snapshots.append("t", data)
+    data["nested"]["items"].append(3)
+    appended.data["nested"]["items"].append(4)
+    fetched = await storage.snapshots.get("t")
+    assert fetched is not None and fetched.data == {"nested": {"items": [1, 2]}}
+    fetched.data["nested"]["items"].clear()
+    saved = StateSnapshot(id="s2", task_id="t", version=2, data={"k": ["v"]})
+    await storage.snapshots.save(saved)
+    saved.data["k"].append("changed")
+    again = await storage.snapshots.get("t", 2)
+    assert again is not None and again.data == {"k": ["v"]}
+    first = await storage.snapshots.get("t", 1)
+    assert first is not None and first.data == {"nested": {"items": [1, 2]}}
+
+
+async def test_append_allocates_the_next_version(storage: Storage) -> None:
+    versions = [(await storage.snapshots.append("t", {"i": i})).version for i in range(3)]
+    assert versions == [1, 2, 3]
+    await storage.snapshots.save(StateSnapshot(id="s9", task_id="t", version=9, data={}))
+    assert (await storage.snapshots.append("t", {}, checkpoint=True)).version == 10
+    assert (await storage.snapshots.append("other", {})).version == 1
+
+
+async def test_concurrent_appends_lose_nothing(storage: Storage) -> None:
+    snapshots = await asyncio.gather(*(storage.snapshots.append("t", {"i": i}) for i in range(20)))
+    assert sorted(s.version for s in snapshots) == list(range(1, 21))
+    assert await storage.snapshots.list_versions("t") == list(range(1, 21))
+
+
+async def test_get_latest_by_version_and_missing(storage: Storage) -> None:
+    assert await storage.snapshots.get("t") is None
+    first = await storage.snapshots.append("t", {"step": 1})
+    second = await storage.snapshots.append("t", {"step": 2}, checkpoint=True)
+    assert await storage.snapshots.get("t") == second
+    assert await storage.snapshots.get("t", 1) == first
+    assert await storage.snapshots.get("t", 3) is None
+    assert await storage.snapshots.get("other") is None
+    latest = await storage.snapshots.get("t")
+    assert latest is not None and latest.checkpoint and latest.created_at == second.created_at
+
+
+async def test_get_by_id(storage: Storage) -> None:
+    first = await storage.snapshots.append("t", {"step": 1})
+    await storage.snapshots.append("t", {"step": 2})
+    assert await storage.snapshots.get_by_id("t", first.id) == first
+    assert await storage.snapshots.get_by_id("t", "snap_missing") is None
+    assert await storage.snapshots.get_by_id("other", first.id) is None
+
+
+async def test_list_versions_ascending(storage: Storage) -> None:
+    for version in (3, 1, 12, 2):
+        await storage.snapshots.save(
+            StateSnapshot(id=f"s{version}", task_id="t", version=version, data={})
+        )
+    assert await storage.snapshots.list_versions("t") == [1, 2, 3, 12]
+    assert await storage.snapshots.list_versions("other") == []
+
+
+async def test_delete_one_all_and_missing(storage: Storage) -> None:
+    for i in range(3):
+        await storage.snapshots.append("t", {"i": i})
+    await storage.snapshots.append("keep", {})
+    assert await storage.snapshots.delete("t", 2) is True
+    assert await storage.snapshots.delete("t", 2) is False
+    assert await storage.snapshots.list_versions("t") == [1, 3]
+    assert await storage.snapshots.delete("t") is True
+    assert await storage.snapshots.list_versions("t") == []
+    assert await storage.snapshots.get("t") is None
+    assert await storage.snapshots.delete("t") is False
+    assert await storage.snapshots.delete("missing", 1) is False
+    assert await storage.snapshots.list_versions("keep") == [1]
+
+
+async def test_save_never_overwrites(storage: Storage) -> None:
+    await storage.snapshots.save(StateSnapshot(id="a", task_id="t", version=1, data={"v": "a"}))
+    with pytest.raises(SnapshotConflictError):
+        await storage.snapshots.save(StateSnapshot(id="b", task_id="t", version=1, data={"v": "b"}))
+    kept = await storage.snapshots.get("t", 1)
+    assert kept is not None and kept.id == "a" and kept.data == {"v": "a"}
+
+
+# Tasks
+
+
+async def test_task_create_get_and_duplicate(storage: Storage) -> None:
+    assert await storage.tasks.get("task-1") is None
+    record = task(progress={"percent": 10}, lease_until=123.5, owner="worker-a")
+    await storage.tasks.create(record)
+    assert await storage.tasks.get("task-1") == record
+    with pytest.raises(StorageError):
+        await storage.tasks.create(task(skill_id="other"))
+    fetched = await storage.tasks.get("task-1")
+    assert fetched is not None and fetched.skill_id == "echo"
+
+
+async def test_task_records_are_copied_in_and_out(storage: Storage) -> None:
+    record = task()
+    await storage.tasks.create(record)
+    record.request["payload"]["input"]["message"] = "changed"
+    record.status = COMPLETED
+    fetched = await storage.tasks.get("task-1")
+    assert fetched is not None
+    assert fetched.status is SUBMITTED
+    assert fetched.request["payload"]["input"]["message"] == "hi"
+    fetched.request.clear()
+    again = await storage.tasks.get("task-1")
+    assert again is not None and again.request
+    updated = await storage.tasks.update("task-1", progress={"percent": 5})
+    assert updated is not None
+    updated.progress = {"percent": 99}
+    again = await storage.tasks.get("task-1")
+    assert again is not None and again.progress == {"percent": 5}
+
+
+async def test_update_is_compare_and_set(storage: Storage) -> None:
+    await storage.tasks.create(task(updated_at=0.0))
+    assert await storage.tasks.update("task-1", expect=frozenset({WORKING}), status=WORKING) is None
+    assert (await storage.tasks.get("task-1")).status is SUBMITTED  # type: ignore[union-attr]
+    updated = await storage.tasks.update(
+        "task-1", expect=frozenset({SUBMITTED}), status=WORKING, progress={"percent": 50}
+    )
+    assert updated is not None and updated.status is WORKING and updated.updated_at > 0
+    assert await storage.tasks.get("task-1") == updated
+    assert await storage.tasks.update("missing", status=WORKING) is None
+    await asyncio.gather(*(storage.tasks.get("task-1") for _ in range(2)))  # open connections
+    results = await asyncio.gather(
+        storage.tasks.update("task-1", expect=frozenset({WORKING}), status=COMPLETED),
+        storage.tasks.update("task-1", expect=frozenset({WORKING}), status=FAILED),
+    )
+    assert sum(r is not None for r in results) == 1
+    winner = next(r for r in results if r is not None)
+    assert await storage.tasks.get("task-1") == winner
+
+
+async def test_illegal_transitions_raise(storage: Storage) -> None:
+    await storage.tasks.create(task())
+    with pytest.raises(InvalidTransitionError):
+        await storage.tasks.update("task-1", status=COMPLETED)
+    assert (await storage.tasks.get("task-1")).status is SUBMITTED  # type: ignore[union-attr]
+    await storage.tasks.update("task-1", status=WORKING)
+    await storage.tasks.update("task-1", status=COMPLETED, result={"ok": True})
+    for status in (WORKING, FAILED, TaskStatus.CANCELLED):
+        with pytest.raises(InvalidTransitionError):
+            await storage.tasks.update("task-1", status=status)
+    final = await storage.tasks.get("task-1")
+    assert final is not None and final.status is COMPLETED and final.result == {"ok": True}
+
+
+async def test_claim_only_an_expired_lease(storage: Storage) -> None:
+    now = time.time()
+    await storage.tasks.create(task("live", owner="a", lease_until=now + 60))
+    await storage.tasks.create(task("dead", owner="a", lease_until=now - 1, status=WORKING))
+    await storage.tasks.create(task("no-lease"))
+    await storage.tasks.create(task("done", owner="a", lease_until=now - 1, status=COMPLETED))
+    assert not await storage.tasks.claim("live", "b", now + 30, now)
+    assert not await storage.tasks.claim("no-lease", "b", now + 30, now)
+    assert not await storage.tasks.claim("done", "b", now + 30, now)
+    assert not await storage.tasks.claim("missing", "b", now + 30, now)
+    assert await storage.tasks.claim("dead", "b", now + 30, now)
+    claimed = await storage.tasks.get("dead")
+    assert claimed is not None and (claimed.owner, claimed.lease_until) == ("b", now + 30)
+    assert claimed.status is WORKING
+    assert not await storage.tasks.claim("dead", "c", now + 30, now)
+    live = await storage.tasks.get("live")
+    assert live is not None and live.owner == "a"
+
+
+async def test_concurrent_claims_have_one_winner(storage: Storage) -> None:
+    now = time.time()
+    await storage.tasks.create(task(owner="gone", lease_until=now - 5))
+    await asyncio.gather(*(storage.tasks.get("task-1") for _ in range(8)))  # open connections
+    results = await asyncio.gather(
+        *(storage.tasks.claim("task-1", f"worker-{i}", now + 30, now) for i in range(8))
+    )
+    assert results.count(True) == 1
+    record = await storage.tasks.get("task-1")
+    assert record is not None and record.owner == f"worker-{results.index(True)}"
+
+
+async def test_renew_only_for_the_owner(storage: Storage) -> None:
+    now = time.time()
+    await storage.tasks.create(task("mine", owner="a", lease_until=now + 1))
+    await storage.tasks.create(task("theirs", owner="b", lease_until=now + 1))
+    await storage.tasks.create(task("over", owner="a", lease_until=now + 1, status=COMPLETED))
+    await storage.tasks.renew(["mine", "theirs", "over", "missing"], "a", now + 100)
+    leases = {t: (await storage.tasks.get(t)).lease_until for t in ("mine", "theirs", "over")}  # type: ignore[union-attr]
+    assert leases == {"mine": now + 100, "theirs": now + 1, "over": now + 1}
+    await storage.tasks.renew([], "a", now + 200)
+
+
+async def test_expired_lists_active_tasks_with_past_leases(storage: Storage) -> None:
+    now = time.time()
+    await storage.tasks.create(task("old-submitted", lease_until=now - 10))
+    await storage.tasks.create(task("old-working", lease_until=now - 1, status=WORKING))
+    await storage.tasks.create(task("fresh", lease_until=now + 10, status=WORKING))
+    await storage.tasks.create(task("no-lease", status=WORKING))
+    await storage.tasks.create(task("input", lease_until=now - 1, status=TaskStatus.INPUT_REQUIRED))
+    await storage.tasks.create(task("finished", lease_until=now - 1, status=COMPLETED))
+    expired = await storage.tasks.expired(now)
+    assert sorted(r.id for r in expired) == ["old-submitted", "old-working"]
+    assert all(isinstance(r, TaskRecord) for r in expired)
+    await storage.tasks.update("old-working", status=COMPLETED)
+    assert [r.id for r in await storage.tasks.expired(now)] == ["old-submitted"]
+    await storage.tasks.update("fresh", lease_until=now - 0.5)
+    assert sorted(r.id for r in await storage.tasks.expired(now)) == ["fresh", "old-submitted"]
+    assert await storage.tasks.expired(now - 100) == []
+
+
+async def test_cancel_requested(storage: Storage) -> None:
+    for task_id in ("a", "b", "c"):
+        await storage.tasks.create(task(task_id))
+    assert await storage.tasks.cancel_requested(["a", "b", "c"]) == []
+    await storage.tasks.update("c", cancel_requested=True)
+    await storage.tasks.update("a", cancel_requested=True)
+    assert await storage.tasks.cancel_requested(["c", "b", "a", "missing"]) == ["c", "a"]
+    assert await storage.tasks.cancel_requested([]) == []
+
+
+# Idempotency
+
+
+class Counter:
+    def __init__(self, delay: float = 0.0, fail: bool = False) -> None:
+        self.calls, self.delay, self.fail = 0, delay, fail
+
+    async def __call__(self) -> IdempotencyRecord:
+        self.calls += 1
+        await asyncio.sleep(self.delay)
+        if self.fail:
+            raise RuntimeError("compute failed")
+        return outcome(self.calls)
+
+
+async def test_run_once_runs_once_then_replays(storage: Storage) -> None:
+    compute = Counter()
+    first = await storage.idempotency.run_once("key", "fp", compute)
+    second = await storage.idempotency.run_once("key", "fp", compute)
+    assert first == (outcome(1), False)
+    assert second == (outcome(1), True)
+    assert compute.calls == 1
+    assert await storage.idempotency.run_once("other", "fp", compute) == (outcome(2), False)
+
+
+async def test_concurrent_duplicates_run_once(storage: Storage) -> None:
+    compute = Counter(delay=0.05)
+    results = await asyncio.gather(
+        *(storage.idempotency.run_once("key", "fp", compute) for _ in range(6))
+    )
+    assert compute.calls == 1
+    assert [record for record, _ in results] == [outcome(1)] * 6
+    assert sorted(replay for _, replay in results) == [False] + [True] * 5
+
+
+async def test_outcomes_are_copied_out(storage: Storage) -> None:
+    results = await asyncio.gather(
+        *(storage.idempotency.run_once("key", "fp", Counter(delay=0.05)) for _ in range(3))
+    )
+    for record, _ in results:
+        assert record.result is not None
+        record.result["value"] = "changed"
+    assert await storage.idempotency.run_once("key", "fp", Counter()) == (outcome(1), True)
+
+
+async def test_key_reused_for_another_request(storage: Storage) -> None:
+    await storage.idempotency.run_once("key", "fp", Counter())
+    with pytest.raises(InvalidParamsError):
+        await storage.idempotency.run_once("key", "other-fp", Counter())
+    slow = Counter(delay=0.1)
+    running = asyncio.ensure_future(storage.idempotency.run_once("busy", "fp", slow))
+    await asyncio.sleep(0.02)
+    with pytest.raises(InvalidParamsError):
+        await storage.idempotency.run_once("busy", "other-fp", Counter())
+    assert await running == (outcome(1), False)
+
+
+async def test_failed_compute_stores_nothing(storage: Storage) -> None:
+    with pytest.raises(RuntimeError):
+        await storage.idempotency.run_once("key", "fp", Counter(fail=True))
+    compute = Counter()
+    assert await storage.idempotency.run_once("key", "fp", compute) == (outcome(1), False)
+    failing, waiting = Counter(delay=0.05, fail=True), Counter()
+    results = await asyncio.gather(
+        storage.idempotency.run_once("again", "fp", failing),
+        storage.idempotency.run_once("again", "fp", waiting),
+        return_exceptions=True,
+    )
+    assert isinstance(results[0], RuntimeError)
+    assert results[1] == (outcome(1), False)  # the waiter ran it once the first run failed
+    assert (failing.calls, waiting.calls) == (1, 1)
+
+
+async def test_outcomes_expire_after_the_ttl(backend: Backend) -> None:
+    storage = await backend.open(idempotency_ttl=0.2)
+    try:
+        compute = Counter()
+        await storage.idempotency.run_once("key", "fp", compute)
+        assert (await storage.idempotency.run_once("key", "fp", compute))[1] is True
+        await asyncio.sleep(0.3)
+        assert await storage.idempotency.run_once("key", "other-fp", compute) == (
+            outcome(2),
+            False,
+        )
+    finally:
+        await storage.aclose()
+
+
+# Backend-specific behaviour
+
+
+async def test_bad_urls_and_options_fail_fast(tmp_path: Path) -> None:
+    for url in ("sqlite://", "sqlite:///"):
+        with pytest.raises(ConfigurationError):
+            await open_storage(url)
+    with pytest.raises(ConfigurationError):
+        await open_storage(f"sqlite:///{tmp_path}/x.db", idempotency_tll=5)
+    with pytest.raises(StorageError) as caught:
+        await open_storage(f"sqlite:///{tmp_path}")  # a directory
+    assert isinstance(caught.value.__cause__, sqlite3.Error)
+
+
+async def test_sqlite_memory_url_and_close_twice() -> None:
+    storage = await open_storage("sqlite:///:memory:")
+    await storage.snapshots.append("t", {})
+    assert await storage.snapshots.list_versions("t") == [1]
+    await storage.aclose()
+    await storage.aclose()
+    with pytest.raises(StorageError):
+        await storage.snapshots.get("t")
+
+
+async def test_redis_errors_become_storage_errors() -> None:
+    pytest.importorskip("redis")
+    with pytest.raises(StorageError) as caught:
+        await open_storage("redis://127.0.0.1:1/0")
+    from redis.exceptions import RedisError
+
+    assert isinstance(caught.value.__cause__, RedisError)
+
+
+# Several processes on one backend
+
+
+WORKER = """
+import asyncio, os, sys
+from asap.state import open_storage
+from asap.transport.idempotency import IdempotencyRecord
+
+async def main(url, prefix, mode, counter, takeover):
+    options = {"idempotency_takeover": float(takeover)}
+    if prefix:
+        options["key_prefix"] = prefix
+    storage = await open_storage(url, **options)
+    print("ready", flush=True)
+    sys.stdin.readline()
+    try:
+        if mode == "append":
+            for i in range(25):
+                await storage.snapshots.append("shared", {"pid": os.getpid(), "i": i})
+            return
+        async def compute():
+            with open(counter, "a") as file:
+                file.write(f"{os.getpid()}\\n")
+            if mode == "die":
+                os._exit(3)
+            await asyncio.sleep(0.3)
+            return IdempotencyRecord("fp", "task-1", "completed", {"pid": os.getpid()})
+        record, replay = await storage.idempotency.run_once("shared", "fp", compute)
+        print(record.result["pid"], replay, flush=True)
+    finally:
+        await storage.aclose()
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+async def run_workers(
+    backend: Backend, mode: str, counter: Path, count: int = 4, takeover: float = 60.0
+) -> list[tuple[int | None, str]]:
+    """Start ``count`` worker processes, release them together, return (exit code, stdout)."""
+    prefix = backend.options.get("key_prefix", "")
+    args = [backend.url, prefix, mode, str(counter), str(takeover)]
+    pipe = asyncio.subprocess.PIPE
+    procs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable, "-c", WORKER, *args, stdin=pipe, stdout=pipe, stderr=pipe, cwd=ROOT
+        )
+        for _ in range(count)
+    ]
+    try:
+        for proc in procs:
+            assert proc.stdout is not None and proc.stdin is not None
+            line = await asyncio.wait_for(proc.stdout.readline(), 30)
+            assert line == b"ready\n", await proc.communicate()
+        for proc in procs:
+            assert proc.stdin is not None
+            proc.stdin.write(b"go\n")
+            await proc.stdin.drain()
+        results = []
+        for proc in procs:
+            out, err = await asyncio.wait_for(proc.communicate(), 30)
+            if mode != "die":
+                assert proc.returncode == 0, err.decode()
+            results.append((proc.returncode, out.decode()))
+        return results
+    finally:
+        for proc in procs:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+
+
+durable = pytest.mark.parametrize("backend", ["sqlite", "redis"], indirect=True)
+
+
+@durable
+async def test_processes_appending_lose_no_version(storage: Storage, backend: Backend) -> None:
+    await run_workers(backend, "append", Path(os.devnull))
+    assert await storage.snapshots.list_versions("shared") == list(range(1, 101))
+    snapshots = [await storage.snapshots.get("shared", v) for v in range(1, 101)]
+    per_process: dict[int, list[int]] = {}
+    for snapshot in snapshots:
+        assert snapshot is not None
+        per_process.setdefault(snapshot.data["pid"], []).append(snapshot.data["i"])
+    assert len(per_process) == 4
+    assert all(steps == list(range(25)) for steps in per_process.values())
+
+
+@durable
+async def test_processes_run_once_compute_once(
+    storage: Storage, backend: Backend, tmp_path: Path
+) -> None:
+    counter = tmp_path / "computed"
+    results = await run_workers(backend, "run_once", counter)
+    runners = counter.read_text().split()
+    assert len(runners) == 1
+    lines = sorted(out.split() for _, out in results)
+    assert lines == sorted([[runners[0], "False"]] + [[runners[0], "True"]] * 3)
+    record, replay = await storage.idempotency.run_once("shared", "fp", Counter())
+    assert replay and record.result == {"pid": int(runners[0])}
+
+
+@durable
+async def test_claim_of_a_dead_runner_is_taken_over(
+    storage: Storage, backend: Backend, tmp_path: Path
+) -> None:
+    counter = tmp_path / "computed"
+    [(code, _)] = await run_workers(backend, "die", counter, count=1, takeover=0.5)
+    assert code == 3 and len(counter.read_text().split()) == 1
+    started = time.monotonic()
+    compute = Counter()
+    assert await storage.idempotency.run_once("shared", "fp", compute) == (outcome(1), False)
+    assert time.monotonic() - started < 5
+
+
+@durable
+async def test_state_survives_reopening(backend: Backend) -> None:
+    first, record = await backend.open(), task()
+    try:
+        await first.snapshots.append("t", {"step": 1})
+        await first.tasks.create(record)
+        await first.idempotency.run_once("key", "fp", Counter())
+    finally:
+        await first.aclose()
+    second = await backend.open()
+    try:
+        assert await second.snapshots.list_versions("t") == [1]
+        assert (await second.snapshots.append("t", {"step": 2})).version == 2
+        assert await second.tasks.get("task-1") == record
+        assert await second.idempotency.run_once("key", "fp", Counter()) == (outcome(1), True)
+    finally:
+        await second.aclose()
+
+
+@durable
+async def test_heartbeat_keeps_a_long_claim(backend: Backend) -> None:
+    first, second = await backend.open(idempotency_takeover=0.3), await backend.open()
+    try:
+        slow, other = Counter(delay=1.0), Counter()
+        running = asyncio.ensure_future(first.idempotency.run_once("key", "fp", slow))
+        await asyncio.sleep(0.1)
+        assert await second.idempotency.run_once("key", "fp", other) == (outcome(1), True)
+        assert await running == (outcome(1), False)
+        assert (slow.calls, other.calls) == (1, 0)
+    finally:
+        await first.aclose()
+        await second.aclose()
