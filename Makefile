@@ -31,6 +31,7 @@ check: install
 bench: install ref
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/orchestration.py
+	$(BIN)/python bench/state.py
 
 clean:
 	rm -rf $(VENV) .venv-ref .pytest_cache .ruff_cache .mypy_cache

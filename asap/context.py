@@ -55,6 +55,7 @@ class Context:
         """
         if self.manager is None or self.manager.storage is None:
             raise RuntimeError("checkpoint() needs a running agent with storage")
+        await self.manager.persist(self.task_id)
         snapshot = await self.manager.storage.snapshots.append(self.task_id, data, checkpoint=True)
         self.logger.debug("asap.task.checkpoint", version=snapshot.version)
         return snapshot
@@ -68,6 +69,7 @@ class Context:
             raise ValueError(f"percent must be within 0..100, got {percent}")
         progress = {"percent": percent, "message": message, **details}
         if self.manager is not None and self.manager.storage is not None:
+            await self.manager.persist(self.task_id)
             await self.manager.storage.tasks.update(self.task_id, progress=progress)
             self.manager.notify(self.task_id, {"final": False, "progress": progress})
 

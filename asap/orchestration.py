@@ -159,6 +159,7 @@ class Orchestrator:
         self.slots = asyncio.Semaphore(limit)
         self.log = ctx.logger
         self.saving = asyncio.Lock()
+        self.unsaved = False
         if ctx.resumed is not None:  # restarted: keep what finished before
             done = ctx.resumed.data.get("results", {})
             self.state.results = {k: StepOutcome.model_validate(v) for k, v in done.items()}
@@ -172,7 +173,13 @@ class Orchestrator:
         """Save every finished step, so a restart resumes after them."""
         if not self.plan.checkpoint or self.ctx.manager is None:
             return
-        async with self.saving:  # one at a time: the latest version holds every result
+        self.unsaved = True
+        # One save at a time, each holding every result so far; steps that finish while a
+        # save is under way are covered by the next one, so a burst of finishes costs two.
+        async with self.saving:
+            if not self.unsaved:
+                return  # a save that started after this step finished already holds it
+            self.unsaved = False
             results = {k: v.model_dump(mode="json") for k, v in self.state.results.items()}
             await self.ctx.checkpoint({"results": results})
 

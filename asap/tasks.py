@@ -47,6 +47,9 @@ __all__ = ["TaskManager"]
 
 _log = get_logger("asap.tasks")
 ACTIVE = frozenset({TaskStatus.SUBMITTED, TaskStatus.WORKING})
+PERSIST_DELAY = 1.0
+"""Seconds a task waited on by its caller runs before its record is stored; a shorter task is
+stored once, finished (one write instead of two). Checkpoints and progress store it at once."""
 
 
 def instance_name() -> str:
@@ -69,6 +72,9 @@ class TaskManager:
         self.client: Any = None
         self.peers = settings.peer_urls()
         self.running: dict[str, asyncio.Task[IdempotencyRecord]] = {}
+        self.pending: dict[str, TaskRecord] = {}
+        """Records of running tasks not stored yet (see :meth:`persist`)."""
+        self.creating: dict[str, asyncio.Future[None]] = {}
         self.listeners: dict[str, list[Callable[[dict[str, Any]], None]]] = {}
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -106,7 +112,7 @@ class TaskManager:
 
     async def _tick(self) -> None:
         assert self.storage is not None
-        ids = list(self.running)
+        ids = [task_id for task_id in self.running if task_id not in self.pending]
         if ids:
             await self.storage.tasks.renew(ids, self.instance, time.time() + self.lease)
             for task_id in await self.storage.tasks.cancel_requested(ids):
@@ -169,12 +175,19 @@ class TaskManager:
             owner=self.instance,
             lease_until=time.time() + self.lease,
         )
-        await self.storage.tasks.create(record)
         if listener is not None:
             self.listeners.setdefault(record.id, []).append(listener)
-        task = self.launch(record, spec, None)
-        if not wait:
+        if not wait:  # the caller will ask about it: store it before answering
+            await self.storage.tasks.create(record)
+            self.launch(record, spec, None)
             return IdempotencyRecord(fingerprint, record.id, TaskStatus.WORKING.value, None)
+        # A task that ends within PERSIST_DELAY is stored once, with its outcome.
+        self.pending[record.id] = record
+        task = self.launch(record, spec, None)
+        timer = asyncio.get_running_loop().call_later(
+            PERSIST_DELAY, lambda: asyncio.ensure_future(self._persist_quietly(record.id))
+        )
+        task.add_done_callback(lambda _: timer.cancel())
         try:
             outcome = await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -183,6 +196,23 @@ class TaskManager:
             stored = await self.get(record.id)  # cancelled before it ran
             return IdempotencyRecord(fingerprint, stored.id, stored.status.value, stored.result)
         return IdempotencyRecord(fingerprint, outcome.task_id, outcome.status, outcome.result)
+
+    async def persist(self, task_id: str) -> None:
+        """Make sure a running task's record is stored (before its first checkpoint or
+        progress report, and once it has run for ``PERSIST_DELAY``)."""
+        assert self.storage is not None
+        record = self.pending.pop(task_id, None)
+        if record is not None:
+            self.creating[task_id] = asyncio.ensure_future(self.storage.tasks.create(record))
+        creating = self.creating.get(task_id)
+        if creating is not None:
+            await asyncio.shield(creating)
+
+    async def _persist_quietly(self, task_id: str) -> None:
+        try:
+            await self.persist(task_id)
+        except Exception:
+            _log.exception("asap.tasks.persist_failed", task_id=task_id)
 
     def launch(
         self, record: TaskRecord, spec: SkillSpec, resume_from: StateSnapshot | None
@@ -196,6 +226,7 @@ class TaskManager:
     def _forget(self, task_id: str) -> None:
         self.running.pop(task_id, None)
         self.listeners.pop(task_id, None)
+        self.creating.pop(task_id, None)
 
     def notify(self, task_id: str, event: dict[str, Any]) -> None:
         """Pass a progress event to whoever streams this task."""
@@ -241,9 +272,20 @@ class TaskManager:
         status, result = await self.run_skill(spec, envelope, record.id, resume_from)
         if status is TaskStatus.CANCELLED and self._stopping and spec.resumable:
             return IdempotencyRecord("", record.id, TaskStatus.WORKING.value, None)
-        await self.storage.tasks.update(record.id, expect=ACTIVE, status=status, result=result)
+        await self.finish(record.id, status, result)
         self.notify(record.id, {"final": True, "status": status.value, "result": result})
         return IdempotencyRecord("", record.id, status.value, result)
+
+    async def finish(self, task_id: str, status: TaskStatus, result: dict[str, Any] | None) -> None:
+        """Store a task's outcome: one write for a task that was never stored."""
+        assert self.storage is not None
+        unsaved = self.pending.pop(task_id, None)
+        if unsaved is not None:
+            unsaved.status, unsaved.result = status, result
+            await self.storage.tasks.create(unsaved)
+            return
+        await self.persist(task_id)
+        await self.storage.tasks.update(task_id, expect=ACTIVE, status=status, result=result)
 
     async def run_skill(
         self,
@@ -339,12 +381,14 @@ class TaskManager:
     async def cancel(self, task_id: str, reason: str | None) -> TaskRecord:
         """Cancel a task wherever it runs; -32010 if unknown, -32030 if already finished."""
         assert self.storage is not None
+        local = self.running.get(task_id)
+        if local is not None:
+            await self.persist(task_id)
         record = await self.get(task_id)
         if record.status.is_terminal():
             raise TaskAlreadyCompletedError(task_id, record.status.value)
         await self.storage.tasks.update(task_id, expect=ACTIVE, cancel_requested=True)
         _log.info("asap.tasks.cancel_requested", task_id=task_id, reason=reason)
-        local = self.running.get(task_id)
         if local is not None:
             local.cancel()
             await asyncio.wait([local], timeout=5)

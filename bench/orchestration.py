@@ -10,11 +10,12 @@ an orchestrator (``uvicorn asap.server:app`` with ``ASAP_PEERS`` naming them), a
 - parallel fan-out to 1, 4 and 16 sub-tasks spread over the two workers, with sub-tasks that
   return at once (pure overhead) and sub-tasks that sleep 100 ms;
 - the same 16-step plans run sequentially, for comparison;
-- the direct call to one worker, the floor an orchestrated sub-task is compared with.
+- the direct call to one worker, the floor an orchestrated sub-task is compared with;
+- the sequential echo plan with and without a checkpoint after every step.
 
-Per-sub-task overhead = (median orchestration time of an n-step sequential echo plan - n x
-median direct call) / n. Medians over --runs calls after a warm-up. Writes
-bench/orchestration.md.
+Every agent stores its state in SQLite (the default). Per-sub-task overhead = (median time of
+a 16-step sequential echo plan without checkpoints - 16 x median direct call) / 16. Medians
+over --runs calls after a warm-up. Writes bench/orchestration.md.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import datetime
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -40,8 +42,13 @@ from asap.transport.client import ASAPClient  # noqa: E402
 QUIET = {"ASAP_LOG_LEVEL": "WARNING"}
 
 
-def start() -> dict[str, AgentProcess]:
+def start(storage: str) -> dict[str, AgentProcess]:
     agents = {}
+    folder = tempfile.mkdtemp(prefix="asap-bench-")
+
+    def url(name: str) -> str:
+        return f"sqlite:///{folder}/{name}.db" if storage == "sqlite" else "memory://"
+
     for name in ("worker-a", "worker-b"):
         port = free_port()
         agents[name] = AgentProcess(
@@ -56,7 +63,11 @@ def start() -> dict[str, AgentProcess]:
                 "--no-access-log",
             ],
             port,
-            env={**QUIET, "ASAP_AGENT_ID": f"urn:asap:agent:{name}"},
+            env={
+                **QUIET,
+                "ASAP_AGENT_ID": f"urn:asap:agent:{name}",
+                "ASAP_STORAGE_URL": url(name),
+            },
         ).start(wait=False)
     peers = ",".join(f"{n}={a.url}" for n, a in agents.items())
     port = free_port()
@@ -78,6 +89,7 @@ def start() -> dict[str, AgentProcess]:
             "ASAP_PEERS": peers,
             "ASAP_SKILLS": "skills.orchestrator",
             "ASAP_MAX_FAN_OUT": "16",
+            "ASAP_STORAGE_URL": url("orchestrator"),
         },
     ).start(wait=False)
     for agent in agents.values():
@@ -95,10 +107,11 @@ def envelope(skill: str, data: dict[str, Any]) -> Envelope:
     )
 
 
-def plan(mode: str, n: int, seconds: float) -> dict[str, Any]:
+def plan(mode: str, n: int, seconds: float, checkpoint: bool = True) -> dict[str, Any]:
     return {
         "mode": mode,
         "max_concurrency": 16,
+        "checkpoint": checkpoint,
         "steps": [
             {
                 "id": f"s{i}",
@@ -148,15 +161,23 @@ async def measure(agents: dict[str, AgentProcess], runs: int) -> list[tuple[str,
                     await timed(client, request, max(3, slow_runs // 3)),
                 )
             )
+        request = envelope("orchestrate", plan("sequential", 16, 0, checkpoint=False))
+        rows.append(
+            (
+                "sequential x16, echo sub-tasks, no checkpoints",
+                await timed(client, request, max(3, runs // 3)),
+            )
+        )
     return rows
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--storage", choices=["sqlite", "memory"], default="sqlite")
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "orchestration.md")
     args = parser.parse_args()
-    agents = start()
+    agents = start(args.storage)
     try:
         rows = asyncio.run(measure(agents, args.runs))
     finally:
@@ -164,13 +185,17 @@ def main() -> int:
             agent.stop()
     median = {label: statistics.median(times) for label, times in rows}
     direct = median["direct call to a worker (echo)"]
-    overhead = (median["sequential x16, echo sub-tasks"] - 16 * direct) / 16
+    overhead = (median["sequential x16, echo sub-tasks, no checkpoints"] - 16 * direct) / 16
+    checkpoint_cost = (
+        median["sequential x16, echo sub-tasks"]
+        - median["sequential x16, echo sub-tasks, no checkpoints"]
+    ) / 16
     lines = [
         "# Orchestrator benchmark",
         "",
         f"- date: {datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')}",
         f"- nproc: {os.cpu_count()}; two workers and one orchestrator, one uvicorn process each",
-        f"- command: `python bench/orchestration.py --runs {args.runs}`",
+        f"- command: `python bench/orchestration.py --runs {args.runs} --storage {args.storage}`",
         "",
         "| plan | calls | median ms | p90 ms |",
         "|---|---:|---:|---:|",
@@ -180,11 +205,13 @@ def main() -> int:
         lines.append(f"| {label} | {len(times)} | {median[label]:.2f} | {p90:.2f} |")
     lines += [
         "",
-        f"- orchestration overhead per sub-task (sequential x16 echo, minus 16 direct calls, "
-        f"/16): **{overhead:.2f} ms** (target < 2 ms)",
+        f"- orchestration overhead per sub-task (sequential x16 echo without checkpoints, minus "
+        f"16 direct calls, /16): **{overhead:.2f} ms** (target < 2 ms)",
         f"- parallel x16 of 100 ms sub-tasks: **{median['parallel x16, 100 ms sub-tasks']:.1f} "
         f"ms** median (target <= 120 ms); sequential: "
         f"{median['sequential x16, 100 ms sub-tasks']:.0f} ms",
+        f"- checkpointing ({args.storage}, after every step) costs "
+        f"**{checkpoint_cost:.2f} ms per step** (sequential x16 echo with and without)",
     ]
     text = "\n".join(lines) + "\n"
     print(text)
