@@ -52,3 +52,26 @@ def test_error_recovery_shows_retry_breaker_and_fallback() -> None:
     )
     assert events["asap.error_recovery.fallback"]["served_by"] == "backup"
     assert "asap.error_recovery.fallback_demo_complete" in events
+
+
+def test_long_running_crashes_then_resumes_from_its_snapshot() -> None:
+    lines = run_example("asap.examples.long_running", "--num-steps", "5", "--crash-after", "2")
+    events = [line["event"] for line in lines]
+    assert "asap.long_running.crash_simulated" in events
+    resuming = next(line for line in lines if line["event"] == "asap.long_running.resuming")
+    assert resuming["from_step"] == 2
+    steps = [line["step"] for line in lines if line["event"] == "asap.long_running.checkpoint"]
+    assert steps == [1, 2, 3, 4, 5]  # nothing done twice
+    done = next(line for line in lines if line["event"] == "asap.long_running.demo_complete")
+    assert done["status"] == "completed"
+    assert done["result"] == {"steps": 5, "resumed_from": 2}
+
+
+def test_state_migration_moves_a_snapshot_between_agents() -> None:
+    lines = run_example("asap.examples.state_migration")
+    events = [line["event"] for line in lines]
+    assert events.index("asap.state_migration.saved_on_source") < events.index(
+        "asap.state_migration.moved"
+    )
+    done = next(line for line in lines if line["event"] == "asap.state_migration.demo_complete")
+    assert done["data"] == {"step": 3}
