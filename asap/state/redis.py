@@ -21,10 +21,9 @@ Every ``redis.exceptions.RedisError`` surfaces as :class:`~asap.state.store.Stor
 from __future__ import annotations
 
 import asyncio
-import copy
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any, TypeVar, cast
 
 import orjson
@@ -45,7 +44,7 @@ from asap.state.store import (
     TaskStore,
     check_transition,
 )
-from asap.transport.idempotency import IdempotencyRecord, IdempotencyStore, key_reused
+from asap.transport.idempotency import IdempotencyRecord, SharedIdempotencyStore, key_reused
 
 __all__ = ["RedisIdempotencyStore", "RedisSnapshotStore", "RedisTaskStore", "redis_storage"]
 
@@ -393,15 +392,7 @@ class RedisTaskStore(TaskStore):
         await self._conn.aclose()
 
 
-@dataclass
-class Running:
-    """A key this process is working on: duplicates from this process wait on ``future``."""
-
-    fingerprint: str
-    future: asyncio.Future[IdempotencyRecord]
-
-
-class RedisIdempotencyStore(IdempotencyStore):
+class RedisIdempotencyStore(SharedIdempotencyStore):
     """Outcomes under ``idempotency:<key>``, shared by every process using the Redis.
 
     ``SET NX PX`` of a pending value is the claim: its runner computes while duplicates poll
@@ -412,44 +403,16 @@ class RedisIdempotencyStore(IdempotencyStore):
     def __init__(self, conn: Connection, ttl: float = 3600.0, takeover: float = 60.0) -> None:
         if ttl <= 0 or takeover <= 0:
             raise ValueError("idempotency_ttl and idempotency_takeover must be positive")
+        super().__init__()
         self._conn = conn
         self.ttl = ttl
         self.takeover = takeover
-        self._running: dict[str, Running] = {}
 
     def __repr__(self) -> str:
         return (
             f"RedisIdempotencyStore(prefix={self._conn.prefix!r}, ttl={self.ttl}, "
             f"takeover={self.takeover})"
         )
-
-    async def run_once(
-        self,
-        key: str,
-        fingerprint: str,
-        compute: Callable[[], Awaitable[IdempotencyRecord]],
-    ) -> tuple[IdempotencyRecord, bool]:
-        while (local := self._running.get(key)) is not None:
-            if local.fingerprint != fingerprint:
-                raise key_reused(key)
-            try:
-                return copy.deepcopy(await asyncio.shield(local.future)), True
-            except Exception:
-                continue  # that run failed: compete to run it again
-        future: asyncio.Future[IdempotencyRecord] = asyncio.get_running_loop().create_future()
-        local = Running(fingerprint, future)
-        self._running[key] = local
-        try:
-            record, replay = await self._lead(key, fingerprint, compute)
-        except BaseException as exc:
-            future.set_exception(exc if isinstance(exc, Exception) else RuntimeError("cancelled"))
-            future.exception()  # mark retrieved: there may be no waiter
-            raise
-        finally:
-            if self._running.get(key) is local:
-                del self._running[key]
-        future.set_result(record)
-        return record, replay
 
     async def _lead(
         self, key: str, fingerprint: str, compute: Callable[[], Awaitable[IdempotencyRecord]]

@@ -16,13 +16,12 @@ died), then ``done`` with the outcome until its TTL ends.
 from __future__ import annotations
 
 import asyncio
-import copy
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import orjson
@@ -41,7 +40,7 @@ from asap.state.store import (
     TaskStore,
     check_transition,
 )
-from asap.transport.idempotency import IdempotencyRecord, IdempotencyStore, key_reused
+from asap.transport.idempotency import IdempotencyRecord, SharedIdempotencyStore, key_reused
 
 __all__ = ["SQLiteIdempotencyStore", "SQLiteSnapshotStore", "SQLiteTaskStore", "sqlite_storage"]
 
@@ -434,18 +433,10 @@ class SQLiteTaskStore(TaskStore):
         await self._db.aclose()
 
 
-@dataclass
-class Running:
-    """A key this process is working on: duplicates from this process wait on ``future``."""
-
-    fingerprint: str
-    future: asyncio.Future[IdempotencyRecord]
-
-
 LOOK = "SELECT state, fingerprint, record FROM idempotency WHERE key = ? AND expires > ?"
 
 
-class SQLiteIdempotencyStore(IdempotencyStore):
+class SQLiteIdempotencyStore(SharedIdempotencyStore):
     """Outcomes in the ``idempotency`` table, shared by every process using the file.
 
     A row inserted as ``pending`` is the claim: its runner computes while duplicates poll it;
@@ -456,44 +447,16 @@ class SQLiteIdempotencyStore(IdempotencyStore):
     def __init__(self, db: Database, ttl: float = 3600.0, takeover: float = 60.0) -> None:
         if ttl <= 0 or takeover <= 0:
             raise ValueError("idempotency_ttl and idempotency_takeover must be positive")
+        super().__init__()
         self._db = db
         self.ttl = ttl
         self.takeover = takeover
-        self._running: dict[str, Running] = {}
         self._next_sweep = 0.0
 
     def __repr__(self) -> str:
         return (
             f"SQLiteIdempotencyStore({self._db.path!r}, ttl={self.ttl}, takeover={self.takeover})"
         )
-
-    async def run_once(
-        self,
-        key: str,
-        fingerprint: str,
-        compute: Callable[[], Awaitable[IdempotencyRecord]],
-    ) -> tuple[IdempotencyRecord, bool]:
-        while (local := self._running.get(key)) is not None:
-            if local.fingerprint != fingerprint:
-                raise key_reused(key)
-            try:
-                return copy.deepcopy(await asyncio.shield(local.future)), True
-            except Exception:
-                continue  # that run failed: compete to run it again
-        future: asyncio.Future[IdempotencyRecord] = asyncio.get_running_loop().create_future()
-        local = Running(fingerprint, future)
-        self._running[key] = local
-        try:
-            record, replay = await self._lead(key, fingerprint, compute)
-        except BaseException as exc:
-            future.set_exception(exc if isinstance(exc, Exception) else RuntimeError("cancelled"))
-            future.exception()  # mark retrieved: there may be no waiter
-            raise
-        finally:
-            if self._running.get(key) is local:
-                del self._running[key]
-        future.set_result(record)
-        return record, replay
 
     async def _lead(
         self, key: str, fingerprint: str, compute: Callable[[], Awaitable[IdempotencyRecord]]

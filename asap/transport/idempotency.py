@@ -22,7 +22,13 @@ from typing import Any
 
 from asap.errors import InvalidParamsError
 
-__all__ = ["IdempotencyRecord", "IdempotencyStore", "MemoryIdempotencyStore", "key_reused"]
+__all__ = [
+    "IdempotencyRecord",
+    "IdempotencyStore",
+    "MemoryIdempotencyStore",
+    "SharedIdempotencyStore",
+    "key_reused",
+]
 
 
 @dataclass(frozen=True)
@@ -148,3 +154,56 @@ class MemoryIdempotencyStore(IdempotencyStore):
 def _copy(record: IdempotencyRecord) -> IdempotencyRecord:
     """A copy the caller may change without changing what is stored."""
     return replace(record, result=copy.deepcopy(record.result))
+
+
+@dataclass
+class _Running:
+    """A key this process is working on: duplicates from this process wait on ``future``."""
+
+    fingerprint: str
+    future: asyncio.Future[IdempotencyRecord]
+
+
+class SharedIdempotencyStore(IdempotencyStore):
+    """Base of the stores other processes share (SQLite, Redis).
+
+    Duplicates inside this process wait on the first caller's future; the first caller runs
+    :meth:`_lead`, the backend's claim-compute-or-poll protocol across processes.
+    """
+
+    def __init__(self) -> None:
+        self._running: dict[str, _Running] = {}
+
+    async def run_once(
+        self,
+        key: str,
+        fingerprint: str,
+        compute: Callable[[], Awaitable[IdempotencyRecord]],
+    ) -> tuple[IdempotencyRecord, bool]:
+        while (local := self._running.get(key)) is not None:
+            if local.fingerprint != fingerprint:
+                raise key_reused(key)
+            try:
+                return _copy(await asyncio.shield(local.future)), True
+            except Exception:
+                continue  # that run failed: compete to run it again
+        future: asyncio.Future[IdempotencyRecord] = asyncio.get_running_loop().create_future()
+        local = _Running(fingerprint, future)
+        self._running[key] = local
+        try:
+            record, replay = await self._lead(key, fingerprint, compute)
+        except BaseException as exc:
+            future.set_exception(exc if isinstance(exc, Exception) else RuntimeError("cancelled"))
+            future.exception()  # mark retrieved: there may be no waiter
+            raise
+        finally:
+            if self._running.get(key) is local:
+                del self._running[key]
+        future.set_result(record)
+        return record, replay
+
+    @abstractmethod
+    async def _lead(
+        self, key: str, fingerprint: str, compute: Callable[[], Awaitable[IdempotencyRecord]]
+    ) -> tuple[IdempotencyRecord, bool]:
+        """Claim ``key`` across processes and compute, or wait for the claimant's outcome."""
