@@ -42,7 +42,9 @@ from asap.state.store import (
     StorageError,
     TaskRecord,
     TaskStore,
-    check_transition,
+    apply_changes,
+    can_claim,
+    to_json,
 )
 from asap.transport.idempotency import IdempotencyRecord, SharedIdempotencyStore, key_reused
 
@@ -135,14 +137,6 @@ async def call(awaitable: Awaitable[T]) -> T:
         return await awaitable
     except RedisError as exc:
         raise StorageError(f"Redis: {exc}") from exc
-
-
-def to_json(value: Any, what: str) -> str:
-    """``value`` as JSON text; :class:`StorageError` when it has no JSON form."""
-    try:
-        return orjson.dumps(value).decode()
-    except TypeError as exc:  # orjson.JSONEncodeError
-        raise StorageError(f"{what} is not JSON-serializable: {exc}") from exc
 
 
 def milliseconds(seconds: float) -> int:
@@ -262,31 +256,6 @@ class RedisSnapshotStore(SnapshotStore):
     async def aclose(self) -> None:
         """Close the shared connection pool (once for the three stores)."""
         await self._conn.aclose()
-
-
-def apply_changes(
-    record: TaskRecord, expect: frozenset[TaskStatus] | None, changes: dict[str, Any]
-) -> TaskRecord | None:
-    """``record`` with ``changes`` (None when ``expect`` or ``_expect_lease`` do not match)."""
-    changes = dict(changes)
-    if "_expect_lease" in changes and changes.pop("_expect_lease") != record.lease_until:
-        return None
-    if expect is not None and record.status not in expect:
-        return None
-    unknown = set(changes) - (set(TaskRecord.__dataclass_fields__) - {"id"})
-    if unknown:
-        raise TypeError(f"TaskStore.update: cannot change {sorted(unknown)}")
-    if "status" in changes:
-        changes["status"] = TaskStatus(changes["status"])
-    check_transition(record, changes)
-    data = record.to_dict() | changes
-    data["updated_at"] = time.time()
-    return TaskRecord.from_dict(data)
-
-
-def can_claim(record: TaskRecord, now: float) -> bool:
-    """Whether the lease of a submitted or working task ended before ``now``."""
-    return record.status in ACTIVE and record.lease_until is not None and record.lease_until < now
 
 
 def load_task(text: str | bytes) -> TaskRecord:

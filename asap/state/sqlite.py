@@ -38,7 +38,8 @@ from asap.state.store import (
     StorageError,
     TaskRecord,
     TaskStore,
-    check_transition,
+    apply_changes,
+    to_json,
 )
 from asap.transport.idempotency import IdempotencyRecord, SharedIdempotencyStore, key_reused
 
@@ -86,34 +87,6 @@ def database_path(url: str) -> str:
             "sqlite:////absolute/path.db or sqlite:///:memory:"
         )
     return path
-
-
-def to_json(value: Any, what: str) -> str:
-    """``value`` as JSON text; :class:`StorageError` when it has no JSON form."""
-    try:
-        return orjson.dumps(value).decode()
-    except TypeError as exc:  # orjson.JSONEncodeError
-        raise StorageError(f"{what} is not JSON-serializable: {exc}") from exc
-
-
-def apply_changes(
-    record: TaskRecord, expect: frozenset[TaskStatus] | None, changes: dict[str, Any]
-) -> TaskRecord | None:
-    """``record`` with ``changes`` (None when ``expect`` or ``_expect_lease`` do not match)."""
-    changes = dict(changes)
-    if "_expect_lease" in changes and changes.pop("_expect_lease") != record.lease_until:
-        return None
-    if expect is not None and record.status not in expect:
-        return None
-    unknown = set(changes) - (set(TaskRecord.__dataclass_fields__) - {"id"})
-    if unknown:
-        raise TypeError(f"TaskStore.update: cannot change {sorted(unknown)}")
-    if "status" in changes:
-        changes["status"] = TaskStatus(changes["status"])
-    check_transition(record, changes)
-    data = record.to_dict() | changes
-    data["updated_at"] = time.time()
-    return TaskRecord.from_dict(data)
 
 
 @contextmanager

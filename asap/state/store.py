@@ -26,6 +26,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from asap.errors import ASAPError
 from asap.models.entities import StateSnapshot
 from asap.models.enums import TaskStatus, can_transition
@@ -148,21 +150,10 @@ class TaskStore(ABC):
     async def expired(self, now: float) -> list[TaskRecord]:
         """Tasks submitted or working whose lease ended before ``now`` (their owner is gone)."""
 
+    @abstractmethod
     async def claim(self, task_id: str, owner: str, lease_until: float, now: float) -> bool:
-        """Take over a task whose lease ended before ``now``; True if this caller got it."""
-        record = await self.get(task_id)
-        if record is None or record.status.is_terminal():
-            return False
-        if record.lease_until is not None and record.lease_until >= now:
-            return False
-        updated = await self.update(
-            task_id,
-            expect=frozenset({record.status}),
-            owner=owner,
-            lease_until=lease_until,
-            _expect_lease=record.lease_until,
-        )
-        return updated is not None
+        """Atomically take over a submitted or working task whose lease ended before ``now``
+        (set ``owner`` and ``lease_until``); True only for the one caller that got it."""
 
     @abstractmethod
     async def renew(self, task_ids: list[str], owner: str, lease_until: float) -> None:
@@ -180,6 +171,43 @@ def check_transition(record: TaskRecord, changes: dict[str, Any]) -> None:
         from asap.errors import InvalidTransitionError
 
         raise InvalidTransitionError(record.status.value, TaskStatus(new).value, record.id)
+
+
+def apply_changes(
+    record: TaskRecord, expect: frozenset[TaskStatus] | None, changes: dict[str, Any]
+) -> TaskRecord | None:
+    """``record`` with ``changes`` applied (a new object), or None when ``expect`` does not
+    match. Unknown fields raise ``TypeError``; an illegal status change raises
+    ``InvalidTransitionError`` (spec 2.3). Every backend's ``update`` goes through here."""
+    if expect is not None and record.status not in expect:
+        return None
+    unknown = set(changes) - (set(TaskRecord.__dataclass_fields__) - {"id"})
+    if unknown:
+        raise TypeError(f"TaskStore.update: cannot change {sorted(unknown)}")
+    changes = dict(changes)
+    if "status" in changes:
+        changes["status"] = TaskStatus(changes["status"])
+    check_transition(record, changes)
+    data = record.to_dict() | changes
+    data["updated_at"] = time.time()
+    return TaskRecord.from_dict(data)
+
+
+def to_json(value: Any, what: str) -> str:
+    """``value`` as JSON text; :class:`StorageError` when it has no JSON form."""
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError as exc:  # orjson.JSONEncodeError
+        raise StorageError(f"{what} is not JSON-serializable: {exc}") from exc
+
+
+def can_claim(record: TaskRecord, now: float) -> bool:
+    """Whether the lease of a submitted or working task ended before ``now``."""
+    return (
+        record.status in (TaskStatus.SUBMITTED, TaskStatus.WORKING)
+        and record.lease_until is not None
+        and record.lease_until < now
+    )
 
 
 class MemorySnapshotStore(SnapshotStore):
@@ -234,16 +262,6 @@ class MemorySnapshotStore(SnapshotStore):
             return versions.pop(version, None) is not None
 
 
-_EXAMPLE: dict[str, Any] = {
-    "id": "",
-    "conversation_id": "",
-    "skill_id": "",
-    "sender": "",
-    "status": TaskStatus.SUBMITTED,
-    "request": {},
-}
-
-
 class MemoryTaskStore(TaskStore):
     """Task records in this process (copies in and out)."""
 
@@ -262,34 +280,21 @@ class MemoryTaskStore(TaskStore):
     async def update(
         self, task_id: str, *, expect: frozenset[TaskStatus] | None = None, **changes: Any
     ) -> TaskRecord | None:
-        unknown = set(changes) - set(vars(TaskRecord(**_EXAMPLE))) | ({"id"} & set(changes))
-        if unknown:
-            raise TypeError(f"cannot update task fields {sorted(unknown)}")
-        if "status" in changes:
-            changes["status"] = TaskStatus(changes["status"])
         record = self._tasks.get(task_id)
-        if record is None or (expect is not None and record.status not in expect):
+        updated = apply_changes(record, expect, changes) if record is not None else None
+        if updated is None:
             return None
-        check_transition(record, changes)
-        for name, value in changes.items():
-            setattr(record, name, copy.deepcopy(value))
-        record.updated_at = time.time()
-        return TaskRecord.from_dict(record.to_dict())
+        self._tasks[task_id] = updated
+        return TaskRecord.from_dict(updated.to_dict())
 
     async def expired(self, now: float) -> list[TaskRecord]:
         return [
-            TaskRecord.from_dict(r.to_dict())
-            for r in self._tasks.values()
-            if r.status in (TaskStatus.SUBMITTED, TaskStatus.WORKING)
-            and r.lease_until is not None
-            and r.lease_until < now
+            TaskRecord.from_dict(r.to_dict()) for r in self._tasks.values() if can_claim(r, now)
         ]
 
     async def claim(self, task_id: str, owner: str, lease_until: float, now: float) -> bool:
         record = self._tasks.get(task_id)
-        if record is None or record.status not in (TaskStatus.SUBMITTED, TaskStatus.WORKING):
-            return False
-        if record.lease_until is None or record.lease_until >= now:
+        if record is None or not can_claim(record, now):
             return False
         record.owner, record.lease_until, record.updated_at = owner, lease_until, time.time()
         return True
