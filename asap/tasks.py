@@ -48,6 +48,8 @@ __all__ = ["TaskManager"]
 _log = get_logger("asap.tasks")
 ACTIVE = frozenset({TaskStatus.SUBMITTED, TaskStatus.WORKING})
 PERSIST_DELAY = 1.0
+OUTBOX_WINDOW = 0.01
+"""Seconds finished tasks wait in the outbox so that many are written in one transaction."""
 """Seconds a task waited on by its caller runs before its record is stored; a shorter task is
 stored once, finished (one write instead of two). Checkpoints and progress store it at once."""
 
@@ -75,6 +77,9 @@ class TaskManager:
         self.pending: dict[str, TaskRecord] = {}
         """Records of running tasks not stored yet (see :meth:`persist`)."""
         self.creating: dict[str, asyncio.Future[None]] = {}
+        self.outbox: dict[str, TaskRecord] = {}
+        """Finished tasks never stored yet, being written in batches by :meth:`flush`."""
+        self._flusher: asyncio.Task[None] | None = None
         self.listeners: dict[str, list[Callable[[dict[str, Any]], None]]] = {}
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -97,6 +102,7 @@ class TaskManager:
             task.cancel()
         if self.running:
             await asyncio.wait(list(self.running.values()), timeout=5)
+        await self.flush()
 
     @property
     def lease(self) -> float:
@@ -179,11 +185,11 @@ class TaskManager:
             self.listeners.setdefault(record.id, []).append(listener)
         if not wait:  # the caller will ask about it: store it before answering
             await self.storage.tasks.create(record)
-            self.launch(record, spec, None)
+            self.launch(record, spec, None, envelope)
             return IdempotencyRecord(fingerprint, record.id, TaskStatus.WORKING.value, None)
         # A task that ends within PERSIST_DELAY is stored once, with its outcome.
         self.pending[record.id] = record
-        task = self.launch(record, spec, None)
+        task = self.launch(record, spec, None, envelope)
         timer = asyncio.get_running_loop().call_later(
             PERSIST_DELAY, lambda: asyncio.ensure_future(self._persist_quietly(record.id))
         )
@@ -215,10 +221,17 @@ class TaskManager:
             _log.exception("asap.tasks.persist_failed", task_id=task_id)
 
     def launch(
-        self, record: TaskRecord, spec: SkillSpec, resume_from: StateSnapshot | None
+        self,
+        record: TaskRecord,
+        spec: SkillSpec,
+        resume_from: StateSnapshot | None,
+        envelope: Envelope | None = None,
     ) -> asyncio.Task[IdempotencyRecord]:
         """Run the task in the background and track it."""
-        task = asyncio.create_task(self._execute(record, spec, resume_from), name=record.id)
+        envelope = envelope or Envelope.model_validate(record.request)
+        task = asyncio.create_task(
+            self._execute(record, spec, resume_from, envelope), name=record.id
+        )
         self.running[record.id] = task
         task.add_done_callback(lambda _: self._forget(record.id))
         return task
@@ -265,10 +278,13 @@ class TaskManager:
         )
 
     async def _execute(
-        self, record: TaskRecord, spec: SkillSpec, resume_from: StateSnapshot | None
+        self,
+        record: TaskRecord,
+        spec: SkillSpec,
+        resume_from: StateSnapshot | None,
+        envelope: Envelope,
     ) -> IdempotencyRecord:
         assert self.storage is not None
-        envelope = Envelope.model_validate(record.request)
         status, result = await self.run_skill(spec, envelope, record.id, resume_from)
         if status is TaskStatus.CANCELLED and self._stopping and spec.resumable:
             return IdempotencyRecord("", record.id, TaskStatus.WORKING.value, None)
@@ -277,15 +293,35 @@ class TaskManager:
         return IdempotencyRecord("", record.id, status.value, result)
 
     async def finish(self, task_id: str, status: TaskStatus, result: dict[str, Any] | None) -> None:
-        """Store a task's outcome: one write for a task that was never stored."""
+        """Store a task's outcome. A task that was never stored goes to the outbox, written
+        in batches (one transaction for many short tasks) right after the reply."""
         assert self.storage is not None
         unsaved = self.pending.pop(task_id, None)
         if unsaved is not None:
             unsaved.status, unsaved.result = status, result
-            await self.storage.tasks.create(unsaved)
+            self.outbox[task_id] = unsaved
+            if self._flusher is None or self._flusher.done():
+                self._flusher = asyncio.create_task(self.flush(), name="asap-task-outbox")
             return
         await self.persist(task_id)
         await self.storage.tasks.update(task_id, expect=ACTIVE, status=status, result=result)
+
+    async def flush(self) -> None:
+        """Write the outbox until it is empty."""
+        assert self.storage is not None
+        while self.outbox:
+            if not self._stopping:
+                await asyncio.sleep(OUTBOX_WINDOW)  # gather a batch: one transaction for many
+            batch = list(self.outbox.values())
+            try:
+                await self.storage.tasks.create_many(batch)
+            except Exception:
+                _log.exception("asap.tasks.outbox_write_failed", tasks=len(batch))
+                await asyncio.sleep(0.5)
+                continue
+            for record in batch:
+                if self.outbox.get(record.id) is record:
+                    del self.outbox[record.id]
 
     async def run_skill(
         self,
@@ -370,10 +406,17 @@ class TaskManager:
 
     # -- state.query, task.cancel, state.restore ------------------------------------------
 
+    async def lookup(self, task_id: str) -> TaskRecord | None:
+        """The task as this instance knows it (outbox, not yet stored, or stored), or None."""
+        assert self.storage is not None
+        local = self.outbox.get(task_id) or self.pending.get(task_id)
+        if local is not None:
+            return TaskRecord.from_dict(local.to_dict())
+        return await self.storage.tasks.get(task_id)
+
     async def get(self, task_id: str) -> TaskRecord:
         """The task, or :class:`TaskNotFoundError` (-32010)."""
-        assert self.storage is not None
-        record = await self.storage.tasks.get(task_id)
+        record = await self.lookup(task_id)
         if record is None:
             raise TaskNotFoundError(task_id)
         return record

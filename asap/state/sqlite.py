@@ -339,6 +339,20 @@ class SQLiteTaskStore(TaskStore):
 
         await self._db.run(insert)
 
+    async def create_many(self, records: list[TaskRecord]) -> None:
+        rows = [task_values(record) for record in records]
+
+        def insert_all(conn: sqlite3.Connection) -> None:
+            with immediate(conn):
+                conn.executemany(
+                    "INSERT OR IGNORE INTO tasks "
+                    "(status, owner, lease_until, cancel_requested, record, id) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    rows,
+                )
+
+        await self._db.run(insert_all)
+
     async def get(self, task_id: str) -> TaskRecord | None:
         row = await self._db.fetchone("SELECT record FROM tasks WHERE id = ?", task_id)
         return load_task(row[0]) if row is not None else None

@@ -134,6 +134,13 @@ class TaskStore(ABC):
     async def create(self, record: TaskRecord) -> None:
         """Store a new task; raise :class:`StorageError` if the id exists."""
 
+    async def create_many(self, records: list[TaskRecord]) -> None:
+        """Store several new tasks (one transaction where the backend has them); an id that is
+        already stored is left as it is."""
+        for record in records:
+            if await self.get(record.id) is None:
+                await self.create(record)
+
     @abstractmethod
     async def get(self, task_id: str) -> TaskRecord | None:
         """The task, or None."""

@@ -281,7 +281,7 @@ class Dispatcher:
         (the latest, or ``version``)."""
         query: StateQuery = envelope.payload
         assert self.tasks.storage is not None
-        record = await self.tasks.storage.tasks.get(query.task_id)
+        record = await self.tasks.lookup(query.task_id)
         snapshot = await self.tasks.storage.snapshots.get(query.task_id, query.version)
         if record is None and snapshot is None:
             raise TaskNotFoundError(query.task_id)
