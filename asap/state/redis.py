@@ -46,7 +46,12 @@ from asap.state.store import (
     can_claim,
     to_json,
 )
-from asap.transport.idempotency import IdempotencyRecord, SharedIdempotencyStore, key_reused
+from asap.transport.idempotency import (
+    IdempotencyRecord,
+    SharedIdempotencyStore,
+    key_reused,
+    warn,
+)
 
 __all__ = ["RedisIdempotencyStore", "RedisSnapshotStore", "RedisTaskStore", "redis_storage"]
 
@@ -419,7 +424,12 @@ class RedisIdempotencyStore(SharedIdempotencyStore):
         fingerprint: str,
         compute: Callable[[], Awaitable[IdempotencyRecord]],
     ) -> IdempotencyRecord:
-        heartbeat = asyncio.create_task(self._heartbeat(name, pending))
+        heartbeat = asyncio.create_task(
+            self._keep_claim(
+                name,
+                lambda: self._conn.script("extend", [name], [pending, milliseconds(self.takeover)]),
+            )
+        )
         try:
             record = await compute()
             done = to_json(
@@ -439,25 +449,9 @@ class RedisIdempotencyStore(SharedIdempotencyStore):
             warn("idempotency_claim_lost", key=name, takeover=self.takeover)
         return record
 
-    async def _heartbeat(self, name: str, pending: str) -> None:
-        """Keep the claim while ``compute`` runs, however long it takes."""
-        while True:
-            await asyncio.sleep(self.takeover / 3)
-            try:
-                await self._conn.script("extend", [name], [pending, milliseconds(self.takeover)])
-            except StorageError as exc:
-                warn("idempotency_heartbeat_failed", key=name, error=str(exc))
-
     async def aclose(self) -> None:
         """Close the shared connection pool (once for the three stores)."""
         await self._conn.aclose()
-
-
-def warn(event: str, **values: Any) -> None:
-    """Log a warning (the logger is looked up here so importing configures nothing)."""
-    from asap.observability.logging import get_logger
-
-    get_logger("asap.state").warning(event, **values)
 
 
 async def redis_storage(url: str, **options: Any) -> Storage:

@@ -41,7 +41,12 @@ from asap.state.store import (
     apply_changes,
     to_json,
 )
-from asap.transport.idempotency import IdempotencyRecord, SharedIdempotencyStore, key_reused
+from asap.transport.idempotency import (
+    IdempotencyRecord,
+    SharedIdempotencyStore,
+    key_reused,
+    warn,
+)
 
 __all__ = ["SQLiteIdempotencyStore", "SQLiteSnapshotStore", "SQLiteTaskStore", "sqlite_storage"]
 
@@ -501,7 +506,15 @@ class SQLiteIdempotencyStore(SharedIdempotencyStore):
     async def _compute(
         self, key: str, token: str, compute: Callable[[], Awaitable[IdempotencyRecord]]
     ) -> IdempotencyRecord:
-        heartbeat = asyncio.create_task(self._heartbeat(key, token))
+        heartbeat = asyncio.create_task(
+            self._keep_claim(
+                key,
+                lambda: self._db.execute(
+                    "UPDATE idempotency SET expires = ? WHERE key = ? AND token = ?",
+                    *(time.time() + self.takeover, key, token),
+                ),
+            )
+        )
         try:
             record = await compute()
             text = to_json(asdict(record), "idempotency record")
@@ -525,28 +538,9 @@ class SQLiteIdempotencyStore(SharedIdempotencyStore):
             warn("idempotency_claim_lost", key=key, takeover=self.takeover)
         return record
 
-    async def _heartbeat(self, key: str, token: str) -> None:
-        """Keep the claim while ``compute`` runs, however long it takes."""
-        while True:
-            await asyncio.sleep(self.takeover / 3)
-            try:
-                await self._db.execute(
-                    "UPDATE idempotency SET expires = ? WHERE key = ? AND token = ?",
-                    *(time.time() + self.takeover, key, token),
-                )
-            except StorageError as exc:
-                warn("idempotency_heartbeat_failed", key=key, error=str(exc))
-
     async def aclose(self) -> None:
         """Close the shared connection (once for the three stores)."""
         await self._db.aclose()
-
-
-def warn(event: str, **values: Any) -> None:
-    """Log a warning (the logger is looked up here so importing configures nothing)."""
-    from asap.observability.logging import get_logger
-
-    get_logger("asap.state").warning(event, **values)
 
 
 async def sqlite_storage(url: str, **options: Any) -> Storage:

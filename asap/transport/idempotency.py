@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from asap.errors import InvalidParamsError
+from asap.errors import ASAPError, InvalidParamsError
 
 __all__ = [
     "IdempotencyRecord",
@@ -156,6 +156,13 @@ def _copy(record: IdempotencyRecord) -> IdempotencyRecord:
     return replace(record, result=copy.deepcopy(record.result))
 
 
+def warn(event: str, **values: Any) -> None:
+    """Log a warning of the idempotency stores (looked up here: importing configures nothing)."""
+    from asap.observability.logging import get_logger
+
+    get_logger("asap.idempotency").warning(event, **values)
+
+
 @dataclass
 class _Running:
     """A key this process is working on: duplicates from this process wait on ``future``."""
@@ -171,8 +178,20 @@ class SharedIdempotencyStore(IdempotencyStore):
     :meth:`_lead`, the backend's claim-compute-or-poll protocol across processes.
     """
 
+    takeover: float
+    """Seconds after which the claim of a runner that stopped its heartbeat may be taken."""
+
     def __init__(self) -> None:
         self._running: dict[str, _Running] = {}
+
+    async def _keep_claim(self, key: str, extend: Callable[[], Awaitable[object]]) -> None:
+        """Heartbeat: extend the claim on ``key`` every ``takeover / 3`` s while computing."""
+        while True:
+            await asyncio.sleep(self.takeover / 3)
+            try:
+                await extend()
+            except ASAPError as exc:  # storage trouble: the next beat may get through
+                warn("idempotency_heartbeat_failed", key=key, error=str(exc))
 
     async def run_once(
         self,
