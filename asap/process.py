@@ -61,6 +61,24 @@ class AgentProcess:
     def __repr__(self) -> str:
         return f"AgentProcess({self.url!r}, pid={self.pid})"
 
+    @classmethod
+    def uvicorn(
+        cls,
+        app: str = "asap.server:app",
+        *,
+        port: int | None = None,
+        quiet: bool = False,
+        **options: Any,
+    ) -> AgentProcess:
+        """``python -m uvicorn <app>`` on ``port`` (a free one by default); ``quiet`` keeps
+        only warnings (no access log). Other options as for the constructor."""
+        port = port or free_port()
+        args = ["-m", "uvicorn", app, "--port", str(port)]
+        if quiet:
+            args += ["--log-level", "warning", "--no-access-log"]
+            options["env"] = {"ASAP_LOG_LEVEL": "WARNING", **options.get("env", {})}
+        return cls(args, port, **options)
+
     @property
     def pid(self) -> int | None:
         """The child's process id once started."""

@@ -36,10 +36,8 @@ sys.path.insert(0, str(ROOT))
 
 from asap.models.envelope import Envelope  # noqa: E402
 from asap.models.payloads import TaskRequest  # noqa: E402
-from asap.process import AgentProcess, free_port  # noqa: E402
+from asap.process import AgentProcess  # noqa: E402
 from asap.transport.client import ASAPClient  # noqa: E402
-
-QUIET = {"ASAP_LOG_LEVEL": "WARNING"}
 
 
 def start(storage: str) -> dict[str, AgentProcess]:
@@ -50,41 +48,18 @@ def start(storage: str) -> dict[str, AgentProcess]:
         return f"sqlite:///{folder}/{name}.db" if storage == "sqlite" else "memory://"
 
     for name in ("worker-a", "worker-b"):
-        port = free_port()
-        agents[name] = AgentProcess(
-            [
-                "-m",
-                "uvicorn",
-                "asap.examples.flaky_worker:app",
-                "--port",
-                str(port),
-                "--log-level",
-                "warning",
-                "--no-access-log",
-            ],
-            port,
+        agents[name] = AgentProcess.uvicorn(
+            "asap.examples.flaky_worker:app",
+            quiet=True,
             env={
-                **QUIET,
                 "ASAP_AGENT_ID": f"urn:asap:agent:{name}",
                 "ASAP_STORAGE_URL": url(name),
             },
         ).start(wait=False)
     peers = ",".join(f"{n}={a.url}" for n, a in agents.items())
-    port = free_port()
-    agents["orchestrator"] = AgentProcess(
-        [
-            "-m",
-            "uvicorn",
-            "asap.server:app",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-            "--no-access-log",
-        ],
-        port,
+    agents["orchestrator"] = AgentProcess.uvicorn(
+        quiet=True,
         env={
-            **QUIET,
             "ASAP_AGENT_ID": "urn:asap:agent:orchestrator",
             "ASAP_PEERS": peers,
             "ASAP_SKILLS": "skills.orchestrator",

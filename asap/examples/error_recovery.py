@@ -34,23 +34,15 @@ from asap.transport.client import ASAPClient, RetryConfig
 __all__ = ["main"]
 
 log = get_logger("asap.examples.error_recovery")
-QUIET = {"ASAP_LOG_LEVEL": "WARNING"}
 
 
 def worker(port: int | None = None, name: str = "worker") -> AgentProcess:
-    port = port or free_port()
-    return AgentProcess(
-        [
-            "-m",
-            "uvicorn",
-            "asap.examples.flaky_worker:app",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ],
-        port,
-        env={**QUIET, "ASAP_AGENT_ID": f"urn:asap:agent:{name}"},
+    """A flaky worker process (not started)."""
+    return AgentProcess.uvicorn(
+        "asap.examples.flaky_worker:app",
+        port=port,
+        quiet=True,
+        env={"ASAP_AGENT_ID": f"urn:asap:agent:{name}"},
     )
 
 
@@ -123,13 +115,10 @@ async def circuit_demo() -> None:
 
 async def fallback_demo() -> None:
     backup = worker(name="backup").start(wait=False)
-    port = free_port()
     peers = f"primary=http://127.0.0.1:{free_port()},backup={backup.url}"
-    orchestrator = AgentProcess(
-        ["-m", "uvicorn", "asap.server:app", "--port", str(port), "--log-level", "warning"],
-        port,
+    orchestrator = AgentProcess.uvicorn(
+        quiet=True,
         env={
-            **QUIET,
             "ASAP_AGENT_ID": "urn:asap:agent:orchestrator",
             "ASAP_PEERS": peers,
             "ASAP_SKILLS": "skills.orchestrator",

@@ -18,7 +18,7 @@ from asap.models.envelope import Envelope
 from asap.models.ids import generate_id
 from asap.models.payloads import TaskRequest
 from asap.observability.logging import get_logger
-from asap.process import AgentProcess, free_port
+from asap.process import AgentProcess
 from asap.transport.client import ASAPClient
 
 __all__ = ["WORKERS", "build_plan", "main", "run_workflow"]
@@ -47,21 +47,14 @@ def build_plan(topic: str) -> dict[str, Any]:
 def start_agents() -> dict[str, AgentProcess]:
     """Start the three workers and the orchestrator on free loopback ports."""
     agents: dict[str, AgentProcess] = {}
-    quiet = {"ASAP_LOG_LEVEL": "WARNING"}
     for name, module in WORKERS.items():
-        port = free_port()
-        agents[name] = AgentProcess(
-            ["-m", "uvicorn", "asap.server:app", "--port", str(port), "--log-level", "warning"],
-            port,
-            env={**quiet, "ASAP_AGENT_ID": f"urn:asap:agent:{name}", "ASAP_SKILLS": module},
+        agents[name] = AgentProcess.uvicorn(
+            quiet=True, env={"ASAP_AGENT_ID": f"urn:asap:agent:{name}", "ASAP_SKILLS": module}
         ).start(wait=False)
     peers = ",".join(f"{name}={agent.url}" for name, agent in agents.items())
-    port = free_port()
-    agents["orchestrator"] = AgentProcess(
-        ["-m", "uvicorn", "asap.server:app", "--port", str(port), "--log-level", "warning"],
-        port,
+    agents["orchestrator"] = AgentProcess.uvicorn(
+        quiet=True,
         env={
-            **quiet,
             "ASAP_AGENT_ID": "urn:asap:agent:orchestrator",
             "ASAP_PEERS": peers,
             "ASAP_SKILLS": "skills.orchestrator",

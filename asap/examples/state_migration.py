@@ -23,7 +23,7 @@ from asap.models.envelope import Envelope
 from asap.models.ids import generate_id
 from asap.models.payloads import StateQuery, StateRestore, TaskRequest
 from asap.observability.logging import get_logger
-from asap.process import AgentProcess, free_port
+from asap.process import AgentProcess
 
 __all__ = ["main", "move_state"]
 
@@ -81,10 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     folder = Path(tempfile.mkdtemp(prefix="asap-migration-"))
     agents = {}
     for name, agent_id in (("source", SOURCE), ("target", TARGET)):
-        port = free_port()
-        agents[name] = AgentProcess(
-            ["-m", "uvicorn", "asap.server:app", "--port", str(port), "--log-level", "warning"],
-            port,
+        agents[name] = AgentProcess.uvicorn(
+            quiet=True,
             env={
                 "ASAP_AGENT_ID": agent_id,
                 "ASAP_SKILLS": "asap.examples.long_running",
