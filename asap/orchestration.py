@@ -1,5 +1,6 @@
 """Run a plan of steps on peer agents: sequential, parallel or as a dependency graph.
 
+Sub-requests that start together for the same peer travel as one JSON-RPC batch (spec 3.7).
 Every sub-request shares the caller's ``conversation_id`` and ``trace_id``, names the running
 task as its parent, goes through the agent's one shared client (retries, circuit breakers,
 deadline propagation) and carries an idempotency key derived from the orchestration task, the
@@ -27,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from asap.context import Context
 from asap.errors import ASAPError, TaskFailedError
+from asap.models.envelope import Envelope
 from asap.models.payloads import TaskRequestConfig, TaskResponse
 
 __all__ = [
@@ -148,6 +150,58 @@ class _Abort(Exception):
     """A step with policy 'fail' failed: stop the orchestration."""
 
 
+MAX_BATCH = 50
+"""Most sub-requests in one JSON-RPC batch (the server's default limit, spec 3.7)."""
+
+
+class _Batcher:
+    """Sends the sub-requests that steps start in the same loop iteration to the same peer
+    (and with the same timeout) as one JSON-RPC batch: one HTTP exchange instead of many.
+
+    Each step still awaits its own reply or error, so retries, fallbacks and concurrency
+    limits work per step; the peer runs the items of a batch concurrently.
+    """
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.queues: dict[tuple[str, float | None], list[tuple[Envelope, asyncio.Future[Any]]]]
+        self.queues = {}
+
+    async def send(self, peer: str, envelope: Envelope, timeout: float | None) -> Envelope:
+        key = (peer, timeout)
+        queue = self.queues.setdefault(key, [])
+        if not queue:
+            asyncio.get_running_loop().call_soon(self._flush, key)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        queue.append((envelope, future))
+        result = await future
+        if isinstance(result, BaseException):
+            raise result
+        return result  # type: ignore[no-any-return]
+
+    def _flush(self, key: tuple[str, float | None]) -> None:
+        queue = self.queues.pop(key, [])
+        for start in range(0, len(queue), MAX_BATCH):
+            asyncio.ensure_future(self._send(key, queue[start : start + MAX_BATCH]))
+
+    async def _send(
+        self, key: tuple[str, float | None], items: list[tuple[Envelope, asyncio.Future[Any]]]
+    ) -> None:
+        peer, timeout = key
+        client = self.ctx.client.get(self.ctx.peers[peer])
+        envelopes = [envelope for envelope, _ in items]
+        try:
+            if len(items) == 1:
+                results: list[Any] = [await client.send(envelopes[0], timeout=timeout)]
+            else:
+                results = await client.batch(envelopes, timeout=timeout, return_exceptions=True)
+        except Exception as exc:  # the whole exchange failed: every step sees it
+            results = [exc] * len(items)
+        for (_, future), result in zip(items, results, strict=True):
+            if not future.done():
+                future.set_result(result)
+
+
 class Orchestrator:
     """Runs one :class:`Plan` for the task in ``ctx``."""
 
@@ -160,6 +214,7 @@ class Orchestrator:
         self.log = ctx.logger
         self.saving = asyncio.Lock()
         self.unsaved = False
+        self.batcher = _Batcher(ctx)
         if ctx.resumed is not None:  # restarted: keep what finished before
             done = ctx.resumed.data.get("results", {})
             self.state.results = {k: StepOutcome.model_validate(v) for k, v in done.items()}
@@ -302,9 +357,8 @@ class Orchestrator:
                     data,
                     config=TaskRequestConfig(idempotency_key=key),
                 )
-                client = self.ctx.client.get(self.ctx.peers[peer])
                 try:
-                    reply = await client.send(envelope, timeout=step.timeout_seconds)
+                    reply = await self.batcher.send(peer, envelope, step.timeout_seconds)
                 except ASAPError as exc:
                     error = f"{peer}: {exc}"
                 else:

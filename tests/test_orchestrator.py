@@ -145,6 +145,21 @@ async def test_parallel_fan_out_is_concurrent_and_bounded(agents: dict[str, Agen
     assert stats(agents, "worker-a")["max_running"] == 4
 
 
+async def test_a_fan_out_to_one_peer_travels_as_one_batch(
+    agents: dict[str, AgentProcess],
+) -> None:
+    plan = {
+        "mode": "parallel",
+        "steps": [step(f"b{n}") for n in range(4)] + [step("other", "worker-b")],
+    }
+    reply = await orchestrate(agents, plan)
+    assert reply.payload.status == "completed"
+    seen = stats(agents, "worker-a")
+    assert seen["seen"] == 1  # four sub-requests, one HTTP exchange (spec 3.7 batch)
+    assert seen["executions"] == {f"b{n}": 1 for n in range(4)}
+    assert stats(agents, "worker-b")["seen"] == 1
+
+
 async def test_graph_runs_after_dependencies(agents: dict[str, AgentProcess]) -> None:
     plan = {
         "mode": "graph",

@@ -28,6 +28,7 @@ from pydantic import ValidationError
 from asap.context import current_deadline
 from asap.errors import (
     ASAPConnectionError,
+    ASAPError,
     ASAPTimeoutError,
     MalformedEnvelopeError,
     ProtocolCorrelationError,
@@ -279,13 +280,25 @@ class ASAPClient:
         )
         return list(results)
 
-    async def batch(self, envelopes: Sequence[Envelope]) -> list[Envelope]:
-        """Send envelopes as one JSON-RPC batch (spec 3.7) and return the replies in order.
+    async def batch(
+        self,
+        envelopes: Sequence[Envelope],
+        *,
+        timeout: float | None = None,
+        return_exceptions: bool = False,
+    ) -> list[Any]:
+        """Send envelopes as one JSON-RPC batch (spec 3.7) and return the replies.
 
-        Each frame's id is its envelope id; the first error reply raises.
+        Each frame's id is its envelope id. By default the replies come in the server's order
+        and the first error reply raises; with ``return_exceptions`` they come in request order
+        and an error reply is returned in its place as a :class:`RemoteRPCError` (or the
+        correlation / validation error it caused).
         """
         if not envelopes:
             raise ValueError("batch() needs at least one envelope")
+        deadline = self._deadline(timeout)
+        if timeout is not None or current_deadline.get() is not None:
+            envelopes = [_with_deadline(envelope, deadline) for envelope in envelopes]
         frames = [
             {
                 "jsonrpc": "2.0",
@@ -297,7 +310,7 @@ class ASAPClient:
         ]
         # The reference server cannot read a compressed batch (spec 3.7): send it plain.
         body, headers = self._encode(frames, compress=False)
-        response = await self._post("/asap", body, headers, self._deadline(None))
+        response = await self._post("/asap", body, headers, deadline)
         data = _decode_json(response)
         if isinstance(data, dict):  # a whole-batch error (empty or too large)
             _reply_envelope(self.base_url, data)
@@ -305,17 +318,26 @@ class ASAPClient:
         if not isinstance(data, list):
             raise MalformedEnvelopeError("Malformed envelope: batch reply is not a list")
         by_id = {envelope.id: envelope for envelope in envelopes}
-        replies: list[Envelope] = []
+        replies: dict[str, Any] = {}
         for item in data:
-            reply = _reply_envelope(self.base_url, item)
             request = by_id.get(str(item.get("id"))) if isinstance(item, dict) else None
             if request is None:
                 raise MalformedEnvelopeError(
                     f"Malformed envelope: batch reply id {item.get('id')!r} matches no request"
                 )
-            _check_correlation(request, reply)
-            replies.append(reply)
-        return replies
+            try:
+                reply = _reply_envelope(self.base_url, item)
+                _check_correlation(request, reply)
+            except ASAPError as exc:
+                if not return_exceptions:
+                    raise
+                replies[request.id] = exc
+            else:
+                replies[request.id] = reply
+        if not return_exceptions:
+            return list(replies.values())
+        missing = MalformedEnvelopeError("Malformed envelope: no reply for this request")
+        return [replies.get(envelope.id, missing) for envelope in envelopes]
 
     # -- discovery -----------------------------------------------------------------------
 
