@@ -96,6 +96,17 @@ async def test_batch_and_send_batch(test_agent: AgentProcess) -> None:
             await client.batch([])
 
 
+async def test_batch_can_return_errors_in_place(test_agent: AgentProcess) -> None:
+    envelopes = [request(data={"n": 1}), request("no-such-skill"), request(data={"n": 3})]
+    async with ASAPClient(test_agent.url) as client:
+        first, error, third = await client.batch(envelopes, return_exceptions=True)
+        with pytest.raises(RemoteRPCError):
+            await client.batch(envelopes)
+    assert first.payload.result == {"echoed": {"n": 1}}
+    assert isinstance(error, RemoteRPCError) and error.rpc_code == -32013
+    assert third.payload.result == {"echoed": {"n": 3}}
+
+
 async def test_manifest_discover_and_health(test_agent: AgentProcess) -> None:
     async with ASAPClient(test_agent.url) as client:
         manifest = await client.get_manifest()
