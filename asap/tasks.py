@@ -15,7 +15,7 @@ import os
 import socket
 import time
 import traceback
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -489,13 +489,3 @@ class TaskManager:
                 self.launch(resumed, spec, snapshot)
                 record = resumed
         return record, snapshot
-
-    async def follow(self, task_id: str) -> AsyncIterator[dict[str, Any]]:
-        """Progress events of a task running here, ending with the final one."""
-        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self.listeners.setdefault(task_id, []).append(queue.put_nowait)
-        while True:
-            event = await queue.get()
-            yield event
-            if event.get("final"):
-                return
