@@ -212,8 +212,9 @@ class Orchestrator:
         limit = min(plan.max_concurrency or max_fan_out, max_fan_out)
         self.slots = asyncio.Semaphore(limit)
         self.log = ctx.logger
-        self.saving = asyncio.Lock()
         self.unsaved = False
+        self.closing = False
+        self._saver: asyncio.Task[None] | None = None
         self.batcher = _Batcher(ctx)
         if ctx.resumed is not None:  # restarted: keep what finished before
             done = ctx.resumed.data.get("results", {})
@@ -224,19 +225,36 @@ class Orchestrator:
         """The outcome of a step that finished before a restart, if any."""
         return self.state.results.get(step.id)
 
-    async def checkpoint(self) -> None:
-        """Save every finished step, so a restart resumes after them."""
+    def checkpoint(self) -> None:
+        """Save every finished step in the background, so a restart resumes after them.
+
+        One save at a time, each holding every result so far: steps that finish while a save
+        is under way are covered by the next one, so a burst of finishes costs two writes.
+        Steps do not wait for their save; a step finished but not yet saved when the agent
+        dies is sent again on resume with the same idempotency key, and the worker answers
+        with its stored outcome.
+        """
         if not self.plan.checkpoint or self.ctx.manager is None:
             return
         self.unsaved = True
-        # One save at a time, each holding every result so far; steps that finish while a
-        # save is under way are covered by the next one, so a burst of finishes costs two.
-        async with self.saving:
-            if not self.unsaved:
-                return  # a save that started after this step finished already holds it
+        if self._saver is None or self._saver.done():
+            self._saver = asyncio.create_task(self._save())
+
+    async def _save(self) -> None:
+        while self.unsaved and not self.closing:
             self.unsaved = False
             results = {k: v.model_dump(mode="json") for k, v in self.state.results.items()}
-            await self.ctx.checkpoint({"results": results})
+            try:
+                await self.ctx.checkpoint({"results": results})
+            except Exception:  # the next save, or the final result, covers it
+                self.log.exception("asap.orchestration.checkpoint_failed")
+
+    async def _finish_saving(self) -> None:
+        """No new saves once the outcome is known (the task record holds it); let the one
+        under way finish."""
+        self.closing = True
+        if self._saver is not None:
+            await self._saver
 
     def refuse(self) -> str | None:
         """Why this plan cannot run here (unknown peers), or None. Checked before any call."""
@@ -264,6 +282,8 @@ class Orchestrator:
                 await self._concurrent()
         except* _Abort:
             pass
+        finally:
+            await self._finish_saving()
         if self.state.error is None:
             self.state.step = "complete"
             self.state.completed = True
@@ -332,7 +352,7 @@ class Orchestrator:
             outcome = await self._attempt_all(step, data)
         self.state.results[step.id] = outcome
         if outcome.status != "failed":
-            await self.checkpoint()
+            self.checkpoint()
         if outcome.status == "failed":  # 'retry' and 'fallback' fail too once exhausted
             self.state.error = f"step {step.id!r} failed: {outcome.error}"
             self.state.step = f"failed_at_{step.id}"
