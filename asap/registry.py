@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import json
 import pkgutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from pydantic import BaseModel, ValidationError
 
 from asap.errors import ConfigurationError, InvalidParamsError
 from asap.models.entities import Skill
+from asap.transport.jsonrpc import validation_errors
 
 __all__ = ["SkillRegistry", "SkillSpec", "skill"]
 
@@ -67,7 +67,7 @@ class SkillSpec:
                 {
                     "error": "Invalid skill input",
                     "skill_id": self.id,
-                    "validation_errors": _json_errors(exc),
+                    "validation_errors": validation_errors(exc),
                 }
             ) from None
 
@@ -81,10 +81,6 @@ class SkillSpec:
             f"skill {self.id!r} returned {type(value).__name__}; "
             "return a dict, a pydantic model or None"
         )
-
-
-def _json_errors(exc: ValidationError) -> list[dict[str, Any]]:
-    return list(json.loads(exc.json()))  # the standard library reads pydantic's NaN
 
 
 def _model_of(annotation: Any) -> type[BaseModel] | None:

@@ -125,6 +125,10 @@ class Settings:
 
 def _parse(name: str, kind: Any, raw: str) -> Any:
     kind = str(kind)
+    if kind.endswith(" | None"):  # optional: empty means unset, else the base type
+        if not raw.strip():
+            return None
+        kind = kind.removesuffix(" | None")
     if kind.startswith("bool"):
         lowered = raw.strip().lower()
         if lowered in _TRUE:
@@ -146,10 +150,6 @@ def _parse(name: str, kind: Any, raw: str) -> Any:
             ) from None
     if kind.startswith("tuple"):
         return tuple(part.strip() for part in raw.split(",") if part.strip())
-    if kind.startswith("str | None") or kind.startswith("int | None"):
-        if not raw:
-            return None
-        return int(raw) if kind.startswith("int") and raw.isdigit() else raw
     return raw
 
 

@@ -34,7 +34,7 @@ from asap.errors import (
 from asap.models.entities import StateSnapshot
 from asap.models.enums import TaskStatus
 from asap.models.envelope import Envelope
-from asap.models.ids import generate_id
+from asap.models.ids import generate_id, generate_task_id
 from asap.models.payloads import TaskRequest
 from asap.observability.logging import get_logger
 from asap.observability.metrics import Metrics
@@ -172,7 +172,7 @@ class TaskManager:
         assert self.storage is not None
         request: TaskRequest = envelope.payload
         record = TaskRecord(
-            id="task_" + generate_id(),
+            id=generate_task_id(),
             conversation_id=request.conversation_id,
             skill_id=spec.id,
             sender=envelope.sender,

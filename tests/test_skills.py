@@ -230,3 +230,8 @@ def test_settings_read_skills_and_ids_from_the_environment() -> None:
         Settings.from_env({"ASAP_AGENT_ID": "not-a-urn"})
     with pytest.raises(ConfigurationError, match="ASAP_DEBUG must be true or false"):
         Settings.from_env({"ASAP_DEBUG": "maybe"})
+    optional = Settings.from_env({"ASAP_TASK_TIMEOUT_SECONDS": "", "ASAP_PUBLIC_URL": ""})
+    assert optional.task_timeout_seconds is None and optional.public_url is None
+    assert Settings.from_env({"ASAP_TASK_TIMEOUT_SECONDS": "30"}).task_timeout_seconds == 30
+    with pytest.raises(ConfigurationError, match="ASAP_TASK_TIMEOUT_SECONDS must be an integer"):
+        Settings.from_env({"ASAP_TASK_TIMEOUT_SECONDS": "soon"})
