@@ -411,7 +411,7 @@ class TaskManager:
         assert self.storage is not None
         local = self.outbox.get(task_id) or self.pending.get(task_id)
         if local is not None:
-            return TaskRecord.from_dict(local.to_dict())
+            return local.copy()
         return await self.storage.tasks.get(task_id)
 
     async def get(self, task_id: str) -> TaskRecord:

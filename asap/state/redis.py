@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict
 from typing import Any, TypeVar, cast
 
 import orjson
@@ -433,7 +432,7 @@ class RedisIdempotencyStore(SharedIdempotencyStore):
         try:
             record = await compute()
             done = to_json(
-                {"state": "done", "fingerprint": fingerprint, "record": asdict(record)},
+                {"state": "done", "fingerprint": fingerprint, "record": vars(record)},
                 "idempotency record",
             )
         except BaseException:

@@ -21,7 +21,6 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
-from dataclasses import asdict
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import orjson
@@ -517,7 +516,7 @@ class SQLiteIdempotencyStore(SharedIdempotencyStore):
         )
         try:
             record = await compute()
-            text = to_json(asdict(record), "idempotency record")
+            text = to_json(vars(record), "idempotency record")
         except BaseException:
             heartbeat.cancel()
             try:

@@ -114,17 +114,21 @@ class TaskRecord:
     updated_at: float = field(default_factory=time.time)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form (status as its string)."""
-        data = {k: copy.deepcopy(v) for k, v in vars(self).items()}
+        """JSON-ready form (status as its string); shares its values with the record."""
+        data = dict(vars(self))
         data["status"] = self.status.value
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TaskRecord:
-        """Inverse of :meth:`to_dict`."""
-        values = copy.deepcopy(data)
+        """Inverse of :meth:`to_dict` (shares the values of ``data``)."""
+        values = dict(data)
         values["status"] = TaskStatus(values["status"])
         return cls(**values)
+
+    def copy(self) -> TaskRecord:
+        """A deep copy: changing it does not change this record."""
+        return copy.deepcopy(self)
 
 
 class TaskStore(ABC):
@@ -278,11 +282,11 @@ class MemoryTaskStore(TaskStore):
     async def create(self, record: TaskRecord) -> None:
         if record.id in self._tasks:
             raise StorageError(f"Task {record.id} already exists")
-        self._tasks[record.id] = TaskRecord.from_dict(record.to_dict())
+        self._tasks[record.id] = record.copy()
 
     async def get(self, task_id: str) -> TaskRecord | None:
         record = self._tasks.get(task_id)
-        return TaskRecord.from_dict(record.to_dict()) if record else None
+        return record.copy() if record else None
 
     async def update(
         self, task_id: str, *, expect: frozenset[TaskStatus] | None = None, **changes: Any
@@ -291,12 +295,12 @@ class MemoryTaskStore(TaskStore):
         updated = apply_changes(record, expect, changes) if record is not None else None
         if updated is None:
             return None
-        self._tasks[task_id] = updated
-        return TaskRecord.from_dict(updated.to_dict())
+        self._tasks[task_id] = updated.copy()
+        return updated
 
     async def expired(self, now: float) -> list[TaskRecord]:
         return [
-            TaskRecord.from_dict(r.to_dict()) for r in self._tasks.values() if can_claim(r, now)
+            r.copy() for r in self._tasks.values() if can_claim(r, now)
         ]
 
     async def claim(self, task_id: str, owner: str, lease_until: float, now: float) -> bool:
