@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 from asap.errors import ConfigurationError
 from asap.models.envelope import validate_agent_urn
+from asap.transport.ratelimit import RateLimit, parse_rate_limit
 
 __all__ = ["Settings", "DEFAULT_SKILL_MODULES"]
 
@@ -41,8 +42,31 @@ class Settings:
     max_request_size: int = 10 * 1024 * 1024
     """Largest request body, compressed or not (spec 3.11)."""
     max_batch_size: int = 50
-    rate_limit: str | None = None
-    """Requests per client, e.g. ``"100/second;5000/minute"`` (spec 3.10); unset: no limit."""
+    rate_limit: str | None = "1000/second;30000/minute"
+    """Requests per sender (the authenticated agent; the client IP when authentication is
+    off), e.g. ``"100/second;5000/minute"`` (spec 3.10); ``off`` or empty: no limit. Shared by
+    every worker when the storage is Redis."""
+    rate_limit_senders: str | None = None
+    """Limits for particular senders, ``urn=limit`` pairs or a JSON object
+    (``urn:asap:agent:orchestrator=5000/second``); needs authentication to mean anything."""
+    auth_tokens: str | None = None
+    """Bearer tokens callers must present: ``urn=token`` pairs or a JSON object of URN to
+    token(s) (see :mod:`asap.security`). Set: ``POST /asap`` and ``/asap/stream`` need a token
+    and an envelope's ``sender`` must be the token's agent."""
+    auth_tokens_file: str | None = None
+    """A file with more tokens, in either form of ``auth_tokens``."""
+    client_token: str | None = None
+    """Bearer token this agent presents when it calls its peers."""
+    require_nonce: bool = False
+    """Every envelope must carry a fresh ``extensions.nonce`` (spec 3.13); nonces are
+    remembered in the storage, so a replay to another worker sharing it is caught too."""
+    nonce_ttl_seconds: int = 600
+    """How long a nonce is remembered; at least the timestamp window it guards."""
+    max_concurrent_tasks: int = 1000
+    """Tasks this process runs at once; past it, new ones are refused with HTTP 503."""
+    log_redact_keys: tuple[str, ...] = ()
+    """More key names (parts) whose values never reach the logs, beyond password, token,
+    secret, authorization, credential and api_key."""
     max_envelope_age_seconds: int = 300
     max_future_tolerance_seconds: int = 30
     storage_url: str = "sqlite:///asap-state.db"
@@ -96,14 +120,35 @@ class Settings:
             "client_breaker_threshold",
             "max_plan_steps",
             "max_fan_out",
+            "max_concurrent_tasks",
+            "nonce_ttl_seconds",
         ):
             if getattr(self, name) < 1:
                 raise ConfigurationError(f"ASAP_{name.upper()} must be at least 1")
         self.peer_urls()
+        self.rate_limits()
+        window = self.max_envelope_age_seconds + self.max_future_tolerance_seconds
+        if self.require_nonce and self.nonce_ttl_seconds < window:
+            raise ConfigurationError(
+                f"ASAP_NONCE_TTL_SECONDS ({self.nonce_ttl_seconds}) must cover the timestamp "
+                f"window ({window} s), or a replay could pass once its nonce is forgotten"
+            )
 
     def peer_urls(self) -> dict[str, str]:
         """``ASAP_PEERS`` as a name -> base URL mapping (validated at start-up)."""
         return _parse_peers(self.peers)
+
+    def rate_limits(self) -> tuple[list[RateLimit], dict[str, list[RateLimit]]]:
+        """The default limit and the per-sender ones (validated at start-up)."""
+        default = parse_rate_limit(self.rate_limit) if self.rate_limit else []
+        senders: dict[str, list[RateLimit]] = {}
+        for urn, spec in _pairs(self.rate_limit_senders, "ASAP_RATE_LIMIT_SENDERS"):
+            try:
+                validate_agent_urn(urn)
+            except ValueError as exc:
+                raise ConfigurationError(f"ASAP_RATE_LIMIT_SENDERS: {exc}") from None
+            senders[urn] = parse_rate_limit(spec)
+        return default, senders
 
     def with_overrides(self, **overrides: Any) -> Settings:
         """A copy with the given fields replaced (``None`` values are ignored)."""
@@ -153,29 +198,33 @@ def _parse(name: str, kind: Any, raw: str) -> Any:
     return raw
 
 
-def _parse_peers(spec: str | None) -> dict[str, str]:
+def _pairs(spec: str | None, variable: str) -> list[tuple[str, str]]:
+    """``name=value`` pairs separated by commas, or a JSON object of strings."""
     if not spec or not spec.strip():
-        return {}
+        return []
     text = spec.strip()
     if text.startswith("{"):
         try:
             raw = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ConfigurationError(f"ASAP_PEERS is not valid JSON: {exc}") from None
+            raise ConfigurationError(f"{variable} is not valid JSON: {exc}") from None
         if not isinstance(raw, dict) or not all(isinstance(v, str) for v in raw.values()):
             raise ConfigurationError(
-                'ASAP_PEERS as JSON must map names to URLs: {"a": "http://..."}'
+                f'{variable} as JSON must map names to strings: {{"a": "..."}}'
             )
-        pairs = list(raw.items())
-    else:
-        pairs = []
-        for item in filter(None, (part.strip() for part in text.split(","))):
-            name, sep, url = item.partition("=")
-            if not sep:
-                raise ConfigurationError(f"ASAP_PEERS: {item!r} is not name=url")
-            pairs.append((name.strip(), url.strip()))
+        return list(raw.items())
+    pairs = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigurationError(f"{variable}: {item!r} is not name=value")
+        pairs.append((name.strip(), value.strip()))
+    return pairs
+
+
+def _parse_peers(spec: str | None) -> dict[str, str]:
     peers: dict[str, str] = {}
-    for name, url in pairs:
+    for name, url in _pairs(spec, "ASAP_PEERS"):
         if not _PEER_NAME.match(name):
             raise ConfigurationError(
                 f"ASAP_PEERS: peer name {name!r} must be lowercase letters, digits and '-'"

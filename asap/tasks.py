@@ -30,6 +30,7 @@ from asap.errors import (
     TaskAlreadyCompletedError,
     TaskFailedError,
     TaskNotFoundError,
+    ThreadPoolExhaustedError,
 )
 from asap.models.entities import StateSnapshot
 from asap.models.enums import TaskStatus
@@ -168,8 +169,19 @@ class TaskManager:
         wait: bool = True,
         listener: Callable[[dict[str, Any]], None] | None = None,
     ) -> IdempotencyRecord:
-        """Create the task and run it; with ``wait`` return its outcome, else at once."""
+        """Create the task and run it; with ``wait`` return its outcome, else at once.
+
+        Refused with :class:`ThreadPoolExhaustedError` when ``max_concurrent_tasks`` run
+        already: a clear overload reply rather than an unbounded queue.
+        """
         assert self.storage is not None
+        limit = self.settings.max_concurrent_tasks
+        if len(self.running) >= limit:
+            self.metrics.overloaded.inc()
+            raise ThreadPoolExhaustedError(
+                f"Too many concurrent tasks: {len(self.running)} running (max {limit})",
+                {"max_tasks": limit, "active_tasks": len(self.running)},
+            )
         request: TaskRequest = envelope.payload
         record = TaskRecord(
             id=generate_task_id(),

@@ -41,9 +41,21 @@ __all__ = [
 _NOT_ALNUM = re.compile(r"[^a-z0-9]")
 
 
-@lru_cache(maxsize=1024)
+_CACHED_LENGTH = 64
+"""Longest payload type whose normalized form is cached. The cache is keyed by what callers
+send: were its keys unbounded, each request could pin a payload type of up to the request
+size limit in memory (1024 of them)."""
+
+
 def normalize_payload_type(payload_type: str) -> str:
     """Normalize a payload type for matching (spec 1.4): ``Task.Request`` -> ``taskrequest``."""
+    if len(payload_type) <= _CACHED_LENGTH:
+        return _normalize_cached(payload_type)
+    return _NOT_ALNUM.sub("", payload_type.lower())
+
+
+@lru_cache(maxsize=1024)
+def _normalize_cached(payload_type: str) -> str:
     return _NOT_ALNUM.sub("", payload_type.lower())
 
 

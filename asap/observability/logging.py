@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any
 
 import orjson
@@ -28,6 +28,29 @@ __all__ = [
 SENSITIVE_KEY_PARTS = ("password", "token", "secret", "authorization", "credential", "api_key")
 _REDACTED = "***"
 _configured: tuple[str, str] | None = None
+_sensitive_keys: tuple[str, ...] = SENSITIVE_KEY_PARTS
+_secrets: tuple[str, ...] = ()
+
+
+def protect(secrets: Iterable[str] = (), keys: Iterable[str] = ()) -> None:
+    """Keep ``secrets`` (token values) out of every log line, wherever they appear, and
+    redact the values of keys containing any of ``keys`` (``ASAP_LOG_REDACT_KEYS``), on top
+    of :data:`SENSITIVE_KEY_PARTS`. Adds to what earlier calls registered."""
+    global _secrets, _sensitive_keys
+    _secrets = tuple(sorted({*_secrets, *(s for s in secrets if s)}, key=len, reverse=True))
+    _sensitive_keys = tuple(dict.fromkeys([*_sensitive_keys, *(k.lower() for k in keys if k)]))
+
+
+def _is_sensitive(key: str) -> bool:
+    lowered = key.lower()
+    return any(part in lowered for part in _sensitive_keys)
+
+
+def _scrub(line: str) -> str:
+    for secret in _secrets:
+        if secret in line:
+            line = line.replace(secret, _REDACTED)
+    return line
 
 
 def sanitize_for_logging(value: Any) -> Any:
@@ -35,7 +58,7 @@ def sanitize_for_logging(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {
             key: _REDACTED
-            if isinstance(key, str) and any(part in key.lower() for part in SENSITIVE_KEY_PARTS)
+            if isinstance(key, str) and _is_sensitive(key)
             else sanitize_for_logging(item)
             for key, item in value.items()
         }
@@ -46,7 +69,7 @@ def sanitize_for_logging(value: Any) -> Any:
 
 def _redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     for key in list(event_dict):
-        if any(part in key.lower() for part in SENSITIVE_KEY_PARTS):
+        if _is_sensitive(key):
             event_dict[key] = _REDACTED
         elif isinstance(event_dict[key], Mapping):
             event_dict[key] = sanitize_for_logging(event_dict[key])
@@ -111,12 +134,18 @@ def configure_logging(
         add_service,
         _redact,
     ]
-    renderer: Any
+    render: Any
     if log_format == "json":
-        renderer = _json_renderer
+        render = _json_renderer
         shared.append(structlog.processors.format_exc_info)
     else:
-        renderer = structlog.dev.ConsoleRenderer(colors=False)
+        render = structlog.dev.ConsoleRenderer(colors=False)
+
+    def renderer(logger: Any, name: str, event_dict: MutableMapping[str, Any]) -> Any:
+        """Render, then blank out registered secrets wherever they ended up (exception
+        text, a skill's input, ...)."""
+        line = render(logger, name, event_dict)
+        return _scrub(line) if _secrets else line
 
     structlog.configure(
         processors=[*shared, renderer],

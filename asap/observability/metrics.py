@@ -74,6 +74,31 @@ class Metrics:
             "Total number of request bodies that were not JSON",
             registry=registry,
         )
+        self.auth_failures = Counter(
+            "asap_auth_failures",
+            "Requests refused for a missing or wrong bearer token",
+            registry=registry,
+        )
+        self.sender_mismatch = Counter(
+            "asap_sender_mismatch",
+            "Requests whose envelope sender was not the authenticated agent",
+            registry=registry,
+        )
+        self.invalid_nonce = Counter(
+            "asap_invalid_nonce",
+            "Envelopes refused for a missing, malformed or replayed nonce",
+            registry=registry,
+        )
+        self.rate_limited = Counter(
+            "asap_rate_limit_exceeded",
+            "Requests refused by the rate limit (HTTP 429)",
+            registry=registry,
+        )
+        self.overloaded = Counter(
+            "asap_thread_pool_exhausted",
+            "Requests refused because the agent ran its maximum of concurrent tasks",
+            registry=registry,
+        )
         self.idempotent_replays = Counter(
             "asap_idempotent_replays",
             "Requests answered from a stored outcome",

@@ -21,6 +21,7 @@ Every ``redis.exceptions.RedisError`` surfaces as :class:`~asap.state.store.Stor
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
@@ -35,6 +36,7 @@ from asap.models.entities import StateSnapshot
 from asap.models.enums import TaskStatus
 from asap.models.ids import generate_id
 from asap.state.store import (
+    GuardStore,
     SnapshotConflictError,
     SnapshotStore,
     Storage,
@@ -51,8 +53,15 @@ from asap.transport.idempotency import (
     key_reused,
     warn,
 )
+from asap.transport.ratelimit import RateLimit
 
-__all__ = ["RedisIdempotencyStore", "RedisSnapshotStore", "RedisTaskStore", "redis_storage"]
+__all__ = [
+    "RedisGuardStore",
+    "RedisIdempotencyStore",
+    "RedisSnapshotStore",
+    "RedisTaskStore",
+    "redis_storage",
+]
 
 T = TypeVar("T")
 
@@ -147,7 +156,19 @@ def milliseconds(seconds: float) -> int:
     return max(1, int(seconds * 1000))
 
 
+CHARGE_RATE = """
+local cost = tonumber(ARGV[1])
+for i, key in ipairs(KEYS) do
+  if tonumber(redis.call('GET', key) or '0') + cost > tonumber(ARGV[i * 2]) then return i end
+end
+for i, key in ipairs(KEYS) do
+  redis.call('INCRBY', key, cost)
+  redis.call('PEXPIRE', key, ARGV[i * 2 + 1])
+end
+return 0
+"""
 SCRIPTS = {
+    "rate": CHARGE_RATE,
     "append": APPEND_SNAPSHOT,
     "save": SAVE_SNAPSHOT,
     "latest": LATEST_SNAPSHOT,
@@ -453,6 +474,36 @@ class RedisIdempotencyStore(SharedIdempotencyStore):
         await self._conn.aclose()
 
 
+class RedisGuardStore(GuardStore):
+    """``nonce:<key>`` set with ``NX PX``; ``rate:{<key>}:<seconds>:<count>:<window>``
+    counters checked and charged by one Lua script, so every worker and host shares both."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+
+    async def use_nonce(self, key: str, ttl: float) -> bool:
+        name = f"{self._conn.prefix}nonce:{key}"
+        return bool(await call(self._conn.client.set(name, "1", nx=True, px=milliseconds(ttl))))
+
+    async def charge(
+        self, key: str, limits: list[RateLimit], cost: int = 1
+    ) -> tuple[int, RateLimit] | None:
+        if not limits:
+            return None
+        now = time.time()
+        keys, args = [], [cost]
+        for limit in limits:
+            window = int(now // limit.seconds)
+            keys.append(f"{self._conn.prefix}rate:{{{key}}}:{limit.seconds}:{limit.count}:{window}")
+            reset = (window + 1) * limit.seconds - now
+            args += [limit.count, milliseconds(reset + 1)]
+        full = int(await self._conn.script("rate", keys, args))
+        if not full:
+            return None
+        limit = limits[full - 1]
+        return max(1, math.ceil((int(now // limit.seconds) + 1) * limit.seconds - now)), limit
+
+
 async def redis_storage(url: str, **options: Any) -> Storage:
     """Connect to the Redis ``url`` names and check that it answers.
 
@@ -477,4 +528,11 @@ async def redis_storage(url: str, **options: Any) -> Storage:
     except BaseException:
         await conn.aclose()
         raise
-    return Storage(url, RedisSnapshotStore(conn), RedisTaskStore(conn), idempotency, shared=True)
+    return Storage(
+        url,
+        RedisSnapshotStore(conn),
+        RedisTaskStore(conn),
+        idempotency,
+        shared=True,
+        guard=RedisGuardStore(conn),
+    )

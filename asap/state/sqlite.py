@@ -31,6 +31,7 @@ from asap.models.entities import StateSnapshot
 from asap.models.enums import TaskStatus
 from asap.models.ids import generate_id
 from asap.state.store import (
+    MemoryGuardStore,
     SnapshotConflictError,
     SnapshotStore,
     Storage,
@@ -73,6 +74,8 @@ CREATE TABLE IF NOT EXISTS idempotency (
     state TEXT NOT NULL CHECK (state IN ('pending', 'done')),
     token TEXT, record TEXT, expires REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS idempotency_by_expiry ON idempotency (expires);
+CREATE TABLE IF NOT EXISTS nonces (key TEXT PRIMARY KEY, expires REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS nonces_by_expiry ON nonces (expires);
 """
 
 ACTIVE = ("submitted", "working")
@@ -542,6 +545,36 @@ class SQLiteIdempotencyStore(SharedIdempotencyStore):
         await self._db.aclose()
 
 
+class SQLiteGuardStore(MemoryGuardStore):
+    """Nonces in the file, so every process on the host sees them; rate windows in memory
+    (per process: a write per request would cost more than the limit saves)."""
+
+    PURGE_EVERY = 1000
+
+    def __init__(self, db: Database) -> None:
+        super().__init__()
+        self._db = db
+        self._uses = 0
+
+    async def use_nonce(self, key: str, ttl: float) -> bool:
+        now = time.time()
+        self._uses += 1
+        purge = self._uses % self.PURGE_EVERY == 0
+
+        def use(conn: sqlite3.Connection) -> bool:
+            with immediate(conn):
+                if purge:
+                    conn.execute("DELETE FROM nonces WHERE expires <= ?", (now,))
+                cursor = conn.execute(
+                    "INSERT INTO nonces (key, expires) VALUES (?, ?) ON CONFLICT (key) "
+                    "DO UPDATE SET expires = excluded.expires WHERE nonces.expires <= ?",
+                    (key, now + ttl, now),
+                )
+                return cursor.rowcount == 1
+
+        return await self._db.run(use)
+
+
 async def sqlite_storage(url: str, **options: Any) -> Storage:
     """Open (creating if needed) the SQLite file ``url`` names.
 
@@ -559,4 +592,10 @@ async def sqlite_storage(url: str, **options: Any) -> Storage:
         float(options.get("idempotency_takeover", 60.0)),
     )
     await db.open()
-    return Storage(url, SQLiteSnapshotStore(db), SQLiteTaskStore(db), idempotency)
+    return Storage(
+        url,
+        SQLiteSnapshotStore(db),
+        SQLiteTaskStore(db),
+        idempotency,
+        guard=SQLiteGuardStore(db),
+    )

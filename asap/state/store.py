@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import itertools
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -33,8 +34,11 @@ from asap.models.entities import StateSnapshot
 from asap.models.enums import TaskStatus, can_transition
 from asap.models.ids import generate_id
 from asap.transport.idempotency import IdempotencyStore, MemoryIdempotencyStore
+from asap.transport.ratelimit import RateLimit, RateLimiter
 
 __all__ = [
+    "GuardStore",
+    "MemoryGuardStore",
     "MemorySnapshotStore",
     "MemoryTaskStore",
     "SnapshotConflictError",
@@ -299,9 +303,7 @@ class MemoryTaskStore(TaskStore):
         return updated
 
     async def expired(self, now: float) -> list[TaskRecord]:
-        return [
-            r.copy() for r in self._tasks.values() if can_claim(r, now)
-        ]
+        return [r.copy() for r in self._tasks.values() if can_claim(r, now)]
 
     async def claim(self, task_id: str, owner: str, lease_until: float, now: float) -> bool:
         record = self._tasks.get(task_id)
@@ -320,9 +322,56 @@ class MemoryTaskStore(TaskStore):
         return [t for t in task_ids if (r := self._tasks.get(t)) is not None and r.cancel_requested]
 
 
+class GuardStore(ABC):
+    """Short-lived records of the security layer: replay nonces and rate-limit windows."""
+
+    @abstractmethod
+    async def use_nonce(self, key: str, ttl: float) -> bool:
+        """Record ``key`` for ``ttl`` seconds; False when it is already recorded (a replay)."""
+
+    @abstractmethod
+    async def charge(
+        self, key: str, limits: list[RateLimit], cost: int = 1
+    ) -> tuple[int, RateLimit] | None:
+        """Charge ``cost`` requests to ``key`` in every window of ``limits``; when one is
+        full, charge nothing and return (seconds until it resets, that limit)."""
+
+
+class MemoryGuardStore(GuardStore):
+    """Nonces and rate windows of this process only (bounded: the oldest nonces go first;
+    the timestamp window rejects replays older than it anyway)."""
+
+    def __init__(self, max_nonces: int = 1_000_000) -> None:
+        self.max_nonces = max_nonces
+        self._nonces: dict[str, float] = {}  # insertion order = expiry order (one TTL)
+        self._limiter = RateLimiter([])
+
+    async def use_nonce(self, key: str, ttl: float) -> bool:
+        now = time.monotonic()
+        nonces = self._nonces
+        stale: list[str] = []
+        for old, expires in itertools.islice(nonces.items(), 64):  # expire from the front
+            if expires > now and len(nonces) - len(stale) < self.max_nonces:
+                break
+            stale.append(old)
+        for old in stale:
+            del nonces[old]
+        known = nonces.get(key)
+        if known is not None and known > now:
+            return False
+        nonces.pop(key, None)
+        nonces[key] = now + ttl
+        return True
+
+    async def charge(
+        self, key: str, limits: list[RateLimit], cost: int = 1
+    ) -> tuple[int, RateLimit] | None:
+        return self._limiter.hit(key, cost, limits)
+
+
 @dataclass
 class Storage:
-    """The three stores of one backend, opened and closed together."""
+    """The stores of one backend, opened and closed together."""
 
     url: str
     snapshots: SnapshotStore
@@ -331,6 +380,9 @@ class Storage:
     shared: bool = False
     """True when other hosts see the same state (Redis). Processes on one host also share
     a SQLite file."""
+    guard: GuardStore = field(default_factory=MemoryGuardStore)
+    """Replay nonces and rate-limit windows; shared like the rest except that the SQLite
+    backend counts rates per process (a write per request would cost more than it saves)."""
 
     async def aclose(self) -> None:
         """Release connections and threads."""

@@ -21,9 +21,15 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from asap.errors import ASAPError, HTTPError, InternalError, VersionIncompatibleError
-from asap.models.entities import Capability, Endpoint, Manifest
-from asap.observability.logging import configure_logging, get_logger
+from asap.errors import (
+    ASAPError,
+    HTTPError,
+    InternalError,
+    ThreadPoolExhaustedError,
+    VersionIncompatibleError,
+)
+from asap.models.entities import AuthScheme, Capability, Endpoint, Manifest
+from asap.observability.logging import configure_logging, get_logger, protect
 from asap.observability.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from asap.observability.metrics import Metrics
 from asap.registry import SkillRegistry
@@ -33,7 +39,6 @@ from asap.transport import codec
 from asap.transport.dispatch import Dispatcher, RequestMeta
 from asap.transport.jsonrpc import error_reply, request_id_of
 from asap.transport.pool import ClientPool
-from asap.transport.ratelimit import RateLimiter, parse_rate_limit
 from asap.transport.resilience import RetryConfig
 
 __all__ = ["SUPPORTED_TRANSPORT_VERSIONS", "DEFAULT_TRANSPORT_VERSION", "create_app"]
@@ -112,13 +117,32 @@ def _json(data: Any, status_code: int = 200, headers: dict[str, str] | None = No
     return Response(body, status_code, headers, media_type="application/json")
 
 
+OVERLOADED = ThreadPoolExhaustedError.rpc_code
+
+
+def _overloaded(data: dict[str, Any]) -> Response:
+    """HTTP 503 for an agent at its task limit (spec 3.6: not JSON-RPC, so that every client
+    backs off and retries)."""
+    body: dict[str, Any] = {
+        "error": "Service Temporarily Unavailable",
+        **{k: data[k] for k in ("code", "rpc_code", "message", "details") if k in data},
+        "recoverable": True,
+        "retry_after_ms": data.get("retry_after_ms", 1000),
+        "fallback_action": "retry_later",
+    }
+    retry_after = max(1, -(-int(body["retry_after_ms"]) // 1000))
+    return _json(body, 503, {"retry-after": str(retry_after)})
+
+
 def _detail(status_code: int, detail: str, headers: dict[str, str] | None = None) -> Response:
     return _json({"detail": detail}, status_code, headers)
 
 
 def build_manifest(settings: Settings, registry: SkillRegistry, base_url: str) -> Manifest:
     """The manifest this agent serves when reached at ``base_url``."""
+    auth = settings.auth_tokens or settings.auth_tokens_file
     return Manifest(
+        auth=AuthScheme(schemes=["bearer"]) if auth else None,
         id=settings.agent_id,
         name=settings.agent_name,
         version=settings.agent_version,
@@ -177,7 +201,7 @@ def create_app(
         for module in settings.skills:
             registry.load(module)
     manifests = _ManifestCache(settings, registry)
-    limiter = RateLimiter(parse_rate_limit(settings.rate_limit)) if settings.rate_limit else None
+    default_limits, sender_limits = settings.rate_limits()
     metrics = Metrics()
     dispatcher = Dispatcher(
         settings,
@@ -185,6 +209,8 @@ def create_app(
         build_manifest(settings, registry, settings.public_url or "http://localhost"),
         metrics,
     )
+    auth = dispatcher.auth
+    protect(filter(None, [settings.client_token]), settings.log_redact_keys)
     started = time.monotonic()
 
     @asynccontextmanager
@@ -199,7 +225,13 @@ def create_app(
         )
         # Peers come from the operator's configuration, so plain HTTP is allowed to them;
         # bodies between agents are compressed only when large.
-        pool = ClientPool(retry, require_https=False, compression_threshold=64 * 1024)
+        pool = ClientPool(
+            retry,
+            require_https=False,
+            compression_threshold=64 * 1024,
+            auth_token=settings.client_token,
+            nonces=True,
+        )
         storage = await open_storage(
             settings.storage_url,
             idempotency_ttl=float(settings.idempotency_ttl_seconds),
@@ -237,21 +269,34 @@ def create_app(
         return b"".join(chunks)
 
     def meta_of(request: Request) -> RequestMeta:
+        headers = request.headers
+        identity = auth_error = None
+        if auth is not None:
+            try:
+                identity = auth.identify(headers.get("authorization"))
+            except ASAPError as exc:
+                auth_error = exc
         return RequestMeta(
-            traceparent=request.headers.get("traceparent"),
-            idempotency_key=request.headers.get("x-idempotency-key"),
-            respond_async="respond-async" in request.headers.get("prefer", ""),
+            traceparent=headers.get("traceparent"),
+            idempotency_key=headers.get("x-idempotency-key"),
+            respond_async="respond-async" in headers.get("prefer", ""),
+            identity=identity,
+            auth_error=auth_error,
         )
 
-    def rate_limited(request: Request, cost: int) -> Response | None:
-        if limiter is None:
+    async def rate_limited(request: Request, meta: RequestMeta, cost: int) -> Response | None:
+        """Charge the sender (spec 3.10): the authenticated agent, else the client address."""
+        limits = sender_limits.get(meta.identity or "", default_limits)
+        if not limits:
             return None
-        client = request.client.host if request.client else "unknown"
-        refused = limiter.hit(client, cost)
+        sender = meta.identity or (request.client.host if request.client else "unknown")
+        assert dispatcher.tasks.storage is not None
+        refused = await dispatcher.tasks.storage.guard.charge(sender, limits, cost)
         if refused is None:
             return None
         retry_after, limit = refused
-        _log.info("asap.rate_limit.exceeded", client=client, limit=limit.text)
+        metrics.rate_limited.inc()
+        _log.info("asap.rate_limit.exceeded", sender=sender, limit=limit.text)
         # spec 3.10: key order and the out-of-range code 429 are the reference's
         body = {
             "jsonrpc": "2.0",
@@ -264,7 +309,7 @@ def create_app(
         }
         return _json(body, 429, {"retry-after": str(retry_after)})
 
-    async def decoded_body(request: Request) -> Any:
+    async def decoded_body(request: Request, meta: RequestMeta) -> Any:
         """Size limit, decompression, JSON and rate limit (spec 3.3 steps 3-6).
 
         The limit is charged after decoding so that a batch pays for every item whatever its
@@ -275,19 +320,21 @@ def create_app(
         try:
             decoded = codec.loads(codec.decompress(body, encoding, settings.max_request_size))
         except ASAPError:
-            refused = rate_limited(request, 1)  # bad bodies count too
+            refused = await rate_limited(request, meta, 1)  # bad bodies count too
             if refused is not None:
                 return refused
             raise
         # A batch costs one hit per item, charged whole or refused whole (spec 3.7).
-        refused = rate_limited(request, len(decoded) if isinstance(decoded, list) else 1)
+        cost = len(decoded) if isinstance(decoded, list) else 1
+        refused = await rate_limited(request, meta, cost)
         if refused is not None:
             return refused
         return decoded
 
     async def asap_endpoint(request: Request) -> Response:
+        meta = meta_of(request)
         try:
-            body = await decoded_body(request)
+            body = await decoded_body(request, meta)
         except HTTPError as exc:
             return _detail(exc.status_code, exc.detail)
         except ASAPError as exc:  # parse error
@@ -295,11 +342,15 @@ def create_app(
             return _json(error_reply(exc, None))
         if isinstance(body, Response):
             return body
-        return _json(await dispatcher.handle_body(body, meta_of(request)))
+        reply = await dispatcher.handle_body(body, meta)
+        if isinstance(reply, dict) and reply.get("error", {}).get("code") == OVERLOADED:
+            return _overloaded(reply["error"]["data"])
+        return _json(reply)
 
     async def stream_endpoint(request: Request) -> Response:
+        meta = meta_of(request)
         try:
-            frame = await decoded_body(request)
+            frame = await decoded_body(request, meta)
         except HTTPError as exc:
             return _detail(exc.status_code, exc.detail)
         except ASAPError as exc:
@@ -307,7 +358,9 @@ def create_app(
         if isinstance(frame, Response):
             return frame
         try:
-            chunks = await dispatcher.stream(frame, meta_of(request))
+            chunks = await dispatcher.stream(frame, meta)
+        except ThreadPoolExhaustedError as exc:
+            return _overloaded(exc.to_dict())
         except ASAPError as exc:
             return _json(error_reply(exc, request_id_of(frame)))
         except Exception as exc:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
@@ -39,7 +39,12 @@ from asap.models.envelope import Envelope
 from asap.models.ids import generate_id
 from asap.models.payloads import CORRELATED_PAYLOAD_TYPES, TaskRequest, TaskRequestConfig
 from asap.observability.logging import get_logger
-from asap.transport.resilience import DEADLINE_EXTENSION, RetryConfig, resilient_transport
+from asap.transport.resilience import (
+    DEADLINE_EXTENSION,
+    REBUILD_EXTENSION,
+    RetryConfig,
+    resilient_transport,
+)
 
 __all__ = ["ASAPClient", "HEALTH_PATH", "LOCAL_HOSTS", "MANIFEST_PATH", "RetryConfig"]
 
@@ -74,6 +79,7 @@ class ASAPClient:
         compression_threshold: int = 1024,
         supported_transport_versions: Sequence[str] = ("2.2", "2.1"),
         auth_token: str | None = None,
+        nonces: bool = False,
         pool_connections: int = 100,
         pool_maxsize: int = 100,
         headers: dict[str, str] | None = None,
@@ -95,6 +101,7 @@ class ASAPClient:
         self.compression_threshold = compression_threshold
         self.supported_transport_versions = tuple(supported_transport_versions)
         self.last_response_asap_version: str | None = None
+        self.nonces = nonces
         self._shared = shared_transport is not None
         self._limits = httpx.Limits(
             max_connections=pool_connections,
@@ -164,28 +171,43 @@ class ASAPClient:
         inherited = current_deadline.get()
         return own if inherited is None else min(own, inherited)
 
+    def _frames(
+        self, frames: Any, headers: dict[str, str], *, compress: bool = True
+    ) -> Callable[[], tuple[bytes, dict[str, str]]]:
+        """The encoder of a JSON-RPC body. With ``nonces`` every call (every attempt) gives
+        each envelope a fresh ``extensions.nonce``: a retry is not a replay (spec 3.13), and
+        the idempotency key, which stays, keeps it from running twice."""
+
+        def encode() -> tuple[bytes, dict[str, str]]:
+            if self.nonces:
+                for frame in frames if isinstance(frames, list) else [frames]:
+                    envelope = frame["params"]["envelope"]
+                    envelope["extensions"] = {
+                        **(envelope.get("extensions") or {}),
+                        "nonce": generate_id(),
+                    }
+            body, encoding = self._encode(frames, compress=compress)
+            return body, {**encoding, **headers}
+
+        return encode
+
     async def _request(
         self,
         method: str,
         url: str,
         deadline: float,
-        body: bytes = b"",
-        headers: dict[str, str] | None = None,
+        encode: Callable[[], tuple[bytes, dict[str, str]]] | None = None,
     ) -> httpx.Response:
         """One HTTP exchange through the transport; httpx errors become ours."""
         if self._transport is None:
             raise ASAPConnectionError(
                 "Client not connected: use 'async with ASAPClient(...) as client'"
             )
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise ASAPTimeoutError(f"Deadline passed before calling {url}", {"url": url})
-        request = httpx.Request(
-            method,
-            url,
-            content=body if method == "POST" else None,
-            headers={**self._headers, **(headers or {})},
-            extensions={
+
+        def build() -> httpx.Request:
+            remaining = max(deadline - time.monotonic(), 0.001)
+            body, headers = encode() if encode is not None else (b"", {})
+            extensions: dict[str, Any] = {
                 "timeout": {
                     "connect": remaining,
                     "read": remaining,
@@ -193,8 +215,21 @@ class ASAPClient:
                     "pool": remaining,
                 },
                 DEADLINE_EXTENSION: deadline,
-            },
-        )
+            }
+            if self.nonces and encode is not None:
+                extensions[REBUILD_EXTENSION] = build
+            return httpx.Request(
+                method,
+                url,
+                content=body if method == "POST" else None,
+                headers={**self._headers, **headers},
+                extensions=extensions,
+            )
+
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ASAPTimeoutError(f"Deadline passed before calling {url}", {"url": url})
+        request = build()
         try:
             response = await self._transport.handle_async_request(request)
             try:
@@ -212,10 +247,10 @@ class ASAPClient:
         return response
 
     async def _post(
-        self, path: str, body: bytes, headers: dict[str, str], deadline: float
+        self, path: str, encode: Callable[[], tuple[bytes, dict[str, str]]], deadline: float
     ) -> httpx.Response:
         url = self.base_url + path
-        response = await self._request("POST", url, deadline, body, headers)
+        response = await self._request("POST", url, deadline, encode)
         self.last_response_asap_version = response.headers.get("asap-version")
         if response.status_code >= 400:
             raise _http_status_error(url, response)
@@ -257,15 +292,14 @@ class ASAPClient:
             },
             "id": f"req-{next(self._ids)}",
         }
-        body, headers = self._encode(frame)
-        headers["x-idempotency-key"] = idempotency_key
+        encode = self._frames(frame, {"x-idempotency-key": idempotency_key})
         _log.debug(
             "asap.client.send",
             url=self.base_url,
             envelope_id=envelope.id,
             payload_type=envelope.payload_type,
         )
-        response = await self._post("/asap", body, headers, deadline)
+        response = await self._post("/asap", encode, deadline)
         reply = _reply_envelope(self.base_url, _decode_json(response))
         _check_correlation(envelope, reply)
         _log.debug("asap.client.response", url=self.base_url, envelope_id=reply.id)
@@ -309,8 +343,7 @@ class ASAPClient:
             for envelope in envelopes
         ]
         # The reference server cannot read a compressed batch (spec 3.7): send it plain.
-        body, headers = self._encode(frames, compress=False)
-        response = await self._post("/asap", body, headers, deadline)
+        response = await self._post("/asap", self._frames(frames, {}, compress=False), deadline)
         data = _decode_json(response)
         if isinstance(data, dict):  # a whole-batch error (empty or too large)
             _reply_envelope(self.base_url, data)

@@ -24,6 +24,7 @@ from asap.errors import (
     ASAPError,
     HandlerNotFoundError,
     InternalError,
+    InvalidNonceError,
     InvalidParamsError,
     InvalidRequestError,
     InvalidTimestampError,
@@ -40,6 +41,7 @@ from asap.models.payloads import StateQuery, StateRestore, TaskCancel, TaskReque
 from asap.observability.logging import get_logger
 from asap.observability.metrics import Metrics, payload_label
 from asap.registry import SkillRegistry
+from asap.security import Authenticator, sender_mismatch
 from asap.settings import Settings
 from asap.tasks import TaskManager
 from asap.transport.idempotency import IdempotencyRecord
@@ -62,6 +64,7 @@ ERROR_TYPES: dict[type[ASAPError], str] = {
     MethodNotFoundError: "method_not_found",
     InvalidParamsError: "invalid_params",
     InvalidTimestampError: "invalid_timestamp",
+    InvalidNonceError: "invalid_nonce",
     HandlerNotFoundError: "handler_not_found",
     SkillNotFoundError: "skill_not_found",
     InternalError: "internal_error",
@@ -77,6 +80,10 @@ class RequestMeta:
     idempotency_key: str | None = None
     respond_async: bool = False
     """The caller sent ``Prefer: respond-async``: reply ``working`` without waiting."""
+    identity: str | None = None
+    """The agent URN the caller's bearer token speaks for (authentication on)."""
+    auth_error: ASAPError | None = None
+    """Why the caller is not authenticated (authentication on, token missing or wrong)."""
 
 
 def request_fingerprint(request: TaskRequest) -> str:
@@ -113,6 +120,7 @@ class Dispatcher:
         self.manifest = manifest
         self.metrics = metrics or Metrics()
         self.tasks = TaskManager(settings, registry, manifest.id, self.metrics)
+        self.auth = Authenticator.from_settings(settings.auth_tokens, settings.auth_tokens_file)
         self.handlers: dict[str, Callable[[Envelope, RequestMeta], Awaitable[dict[str, Any]]]]
         self.handlers = {
             "taskrequest": self.on_task_request,
@@ -149,7 +157,7 @@ class Dispatcher:
         started = time.perf_counter()
         payload_key = None
         try:
-            envelope = self.prepare(frame)
+            envelope = await self.prepare(frame, meta)
             payload_key = envelope.payload_key
             params_key = frame["params"].get("idempotency_key")
             if isinstance(params_key, str) and params_key:
@@ -197,17 +205,53 @@ class Dispatcher:
 
     # -- one envelope --------------------------------------------------------------------
 
-    def prepare(self, frame: Any) -> Envelope:
-        """Frame, envelope and replay-window checks (spec 3.3 steps 7-13)."""
-        raw = parse_frame(frame)
+    async def prepare(self, frame: Any, meta: RequestMeta) -> Envelope:
+        """Frame, authentication, envelope, sender, replay window and nonce checks (spec 3.3
+        steps 7-14)."""
+
+        def authenticate() -> None:
+            if meta.auth_error is not None:
+                self.metrics.auth_failures.inc()
+                _log.info("asap.request.auth_failed", error=meta.auth_error.details["error"])
+                raise meta.auth_error
+
+        raw = parse_frame(frame, authenticate if self.auth else None)
         try:
             envelope = Envelope.model_validate(raw)
         except ValidationError as exc:
             raise InvalidParamsError(
                 {"error": "Invalid envelope structure", "validation_errors": validation_errors(exc)}
             ) from None
+        if self.auth is not None and envelope.sender != meta.identity:
+            self.metrics.sender_mismatch.inc()
+            _log.info("asap.request.sender_mismatch", sender=envelope.sender)
+            raise sender_mismatch()
         self.check_timestamp(envelope)
+        if self.settings.require_nonce:
+            await self.check_nonce(envelope)
         return envelope
+
+    async def check_nonce(self, envelope: Envelope) -> None:
+        """Refuse an envelope without ``extensions.nonce`` or with one already used, by this
+        process or any other sharing the storage (spec 3.13)."""
+        nonce = (envelope.extensions or {}).get("nonce")
+        if not isinstance(nonce, str) or not nonce or len(nonce) > 128:
+            self.metrics.invalid_nonce.inc()
+            got = "empty string" if nonce == "" else type(nonce).__name__
+            if isinstance(nonce, str) and nonce:
+                got = f"{len(nonce)} characters (max 128)"
+            raise InvalidNonceError(
+                f"Nonce must be a non-empty string of at most 128 characters, got {got}",
+                {"envelope_id": envelope.id},
+            )
+        assert self.tasks.storage is not None
+        ttl = float(self.settings.nonce_ttl_seconds)
+        if not await self.tasks.storage.guard.use_nonce(f"{envelope.sender} {nonce}", ttl):
+            self.metrics.invalid_nonce.inc()
+            _log.info("asap.request.invalid_nonce", nonce=nonce, envelope_id=envelope.id)
+            raise InvalidNonceError(
+                f"Duplicate nonce detected: {nonce}", {"nonce": nonce, "envelope_id": envelope.id}
+            )
 
     def check_timestamp(self, envelope: Envelope) -> None:
         """Reject envelopes older than the window or too far ahead (spec 3.13)."""
@@ -375,7 +419,7 @@ class Dispatcher:
         Errors before the task starts are raised, to be answered as JSON-RPC (as the
         reference does).
         """
-        envelope = self.prepare(frame)
+        envelope = await self.prepare(frame, meta)
         if envelope.payload_key != "taskrequest":
             raise HandlerNotFoundError(envelope.payload_type, streaming=True)
         request: TaskRequest = envelope.payload

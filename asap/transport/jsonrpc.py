@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr, ValidationError
@@ -49,10 +50,11 @@ def validation_errors(exc: ValidationError) -> list[dict[str, Any]]:
     return list(json.loads(exc.json()))
 
 
-def parse_frame(frame: Any) -> dict[str, Any]:
+def parse_frame(frame: Any, authenticate: Callable[[], None] | None = None) -> dict[str, Any]:
     """Check one JSON-RPC request object and return its ``envelope`` dict.
 
-    Raises the JSON-RPC error of spec 3.3 for the first rule the frame breaks.
+    Raises the JSON-RPC error of spec 3.3 for the first rule the frame breaks;
+    ``authenticate`` (step 10) runs between the method check and the envelope's.
     """
     if not isinstance(frame, dict):
         raise InvalidRequestError(
@@ -69,6 +71,8 @@ def parse_frame(frame: Any) -> dict[str, Any]:
         _explain_bad_frame(frame)
     if frame["method"] != METHOD:
         raise MethodNotFoundError({"method": frame["method"]})
+    if authenticate is not None:
+        authenticate()
     params = frame["params"]
     if "envelope" not in params:
         raise InvalidParamsError({"error": "Missing 'envelope' in params"})

@@ -30,8 +30,14 @@ class RateLimit:
     text: str
 
 
+OFF = frozenset({"off", "none", "unlimited"})
+
+
 def parse_rate_limit(spec: str) -> list[RateLimit]:
-    """Parse ``"10/second;100/minute"`` (also ``"5 per 2 minutes"``)."""
+    """Parse ``"10/second;100/minute"`` (also ``"5 per 2 minutes"``); ``off`` is no limit
+    (an empty list)."""
+    if spec.strip().lower() in OFF:
+        return []
     limits = []
     for part in filter(None, (p.strip() for p in spec.split(";"))):
         match = _ITEM.match(part)
@@ -61,21 +67,21 @@ class RateLimiter:
         self.limits = limits
         self.max_keys = max_keys
         self.clock = clock
-        self._windows: dict[tuple[str, int], tuple[int, int]] = {}
+        self._windows: dict[tuple[str, int, int], tuple[int, int]] = {}
 
     def __repr__(self) -> str:
         return f"RateLimiter({'; '.join(limit.text for limit in self.limits)})"
 
-    def hit(self, key: str, cost: int = 1) -> tuple[int, RateLimit] | None:
-        """Charge ``cost`` hits to ``key``; return (retry-after seconds, limit) when refused.
-
-        A refused request is not charged.
-        """
+    def hit(
+        self, key: str, cost: int = 1, limits: list[RateLimit] | None = None
+    ) -> tuple[int, RateLimit] | None:
+        """Charge ``cost`` hits to ``key`` (under ``limits``, default this limiter's); return
+        (retry-after seconds, limit) when refused. A refused request is not charged."""
         now = self.clock()
         updates = []
-        for index, limit in enumerate(self.limits):
+        for limit in self.limits if limits is None else limits:
             window = int(now // limit.seconds)
-            slot = (key, index)
+            slot = (key, limit.seconds, limit.count)
             start, used = self._windows.get(slot, (window, 0))
             if start != window:
                 start, used = window, 0
@@ -89,9 +95,8 @@ class RateLimiter:
         return None
 
     def _prune(self, now: float) -> None:
-        current = {index: int(now // limit.seconds) for index, limit in enumerate(self.limits)}
         self._windows = {
-            slot: entry for slot, entry in self._windows.items() if entry[0] == current[slot[1]]
+            slot: entry for slot, entry in self._windows.items() if entry[0] == now // slot[1]
         }
         if len(self._windows) > self.max_keys:  # still too many live keys: forget them all
             self._windows.clear()

@@ -31,12 +31,16 @@ from asap.transport.circuit_breaker import CircuitBreaker, CircuitState
 
 __all__ = [
     "DEADLINE_EXTENSION",
+    "REBUILD_EXTENSION",
     "CircuitBreakerTransport",
     "RetryConfig",
     "RetryTransport",
 ]
 
 DEADLINE_EXTENSION = "asap.deadline"
+REBUILD_EXTENSION = "asap.rebuild"
+"""A request extension: a function that builds the request afresh for another attempt
+(new nonces), used instead of resending the same bytes."""
 """Request extension holding a ``time.monotonic()`` deadline that retries must respect."""
 
 RETRYABLE_RPC_CODES = frozenset({-32011, -32031, -32032, -32033})
@@ -162,6 +166,9 @@ class RetryTransport(httpx.AsyncBaseTransport):
                 delay_s=round(wait, 3),
             )
             await self.sleep(wait)
+            rebuild = request.extensions.get(REBUILD_EXTENSION)
+            if rebuild is not None:
+                request = rebuild()
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def aclose(self) -> None:
