@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from enum import StrEnum
 from typing import Any, Literal
 
@@ -69,6 +70,11 @@ class PlanStep(_Strict):
     timeout_seconds: float | None = Field(default=None, gt=0)
 
 
+PLAN_STEPS_CEILING = 1000
+"""Most steps any plan may have, whatever ``ASAP_MAX_PLAN_STEPS`` says: validating a plan
+(duplicates, cycles) must stay cheap for what a request can carry."""
+
+
 class Plan(_Strict):
     """Steps and how to order them.
 
@@ -79,7 +85,7 @@ class Plan(_Strict):
     """
 
     mode: Literal["sequential", "parallel", "graph"] = "sequential"
-    steps: list[PlanStep] = Field(min_length=1)
+    steps: list[PlanStep] = Field(min_length=1, max_length=PLAN_STEPS_CEILING)
     max_concurrency: int | None = Field(default=None, ge=1)
     checkpoint: bool = Field(
         default=True, description="save the state after every finished step (resumable)"
@@ -88,7 +94,7 @@ class Plan(_Strict):
     @model_validator(mode="after")
     def _consistent(self) -> Plan:
         ids = [step.id for step in self.steps]
-        duplicates = sorted({i for i in ids if ids.count(i) > 1})
+        duplicates = sorted(i for i, n in Counter(ids).items() if n > 1)
         if duplicates:
             raise ValueError(f"step ids must be unique, repeated: {duplicates}")
         known = set(ids)

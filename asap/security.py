@@ -44,7 +44,10 @@ def parse_tokens(text: str, source: str = "ASAP_AUTH_TOKENS") -> dict[str, str]:
         if not isinstance(raw, dict):
             raise ConfigurationError(f"{source} as JSON must map URNs to tokens")
         for urn, tokens in raw.items():
-            for token in [tokens] if isinstance(tokens, str) else tokens:
+            listed = [tokens] if isinstance(tokens, str) else tokens
+            if not isinstance(listed, list):
+                raise ConfigurationError(f"{source}: tokens of {urn} must be strings")
+            for token in listed:
                 if not isinstance(token, str):
                     raise ConfigurationError(f"{source}: tokens of {urn} must be strings")
                 pairs.append((urn, token))

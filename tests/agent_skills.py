@@ -71,3 +71,10 @@ async def progress(data: dict[str, Any], ctx: Context) -> dict[str, Any]:
         await ctx.checkpoint({"done": step + 1})
         await ctx.report_progress(100 * (step + 1) / steps, f"step {step + 1} of {steps}")
     return {"done": steps, "resumed_from": first}
+
+
+@skill("note")
+async def note(data: dict[str, Any], ctx: Context) -> dict[str, Any]:
+    """Log ``input["note"]`` (whatever a caller put there) and answer."""
+    ctx.logger.info("test.note", note=data.get("note"), data=data)
+    return {"noted": True}

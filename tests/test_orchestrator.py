@@ -262,3 +262,20 @@ async def test_deadline_reaches_the_workers(agents: dict[str, AgentProcess]) -> 
     seen = stats(agents, "worker-a")
     assert seen["contexts"][0]["time_left"] <= 2.0
     assert seen["cancelled"] == 1
+
+
+async def test_plans_over_the_size_limits_are_refused_before_any_call(
+    agents: dict[str, AgentProcess],
+) -> None:
+    """ASAP_MAX_PLAN_STEPS (100 here) fails the task; past the ceiling of 1000 the plan is not
+    even validated step by step (-32602). No worker sees a request either way."""
+    from asap.errors import RemoteRPCError
+
+    reply = await orchestrate(agents, {"steps": [step(f"s{i}") for i in range(101)]})
+    assert reply.payload.status == "failed"
+    assert "plan has 101 steps; this agent accepts 100" in str(reply.payload.result)
+    with pytest.raises(RemoteRPCError) as invalid:
+        await orchestrate(agents, {"steps": [step(f"s{i}") for i in range(1001)]})
+    assert invalid.value.json_rpc_code == -32602
+    assert "at most 1000" in str(invalid.value.data["validation_errors"])
+    assert stats(agents, "worker-a")["seen"] == 0

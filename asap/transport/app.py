@@ -25,6 +25,7 @@ from asap.errors import (
     ASAPError,
     HTTPError,
     InternalError,
+    JsonRpcError,
     ThreadPoolExhaustedError,
     VersionIncompatibleError,
 )
@@ -274,7 +275,7 @@ def create_app(
         if auth is not None:
             try:
                 identity = auth.identify(headers.get("authorization"))
-            except ASAPError as exc:
+            except JsonRpcError as exc:
                 auth_error = exc
         return RequestMeta(
             traceparent=headers.get("traceparent"),

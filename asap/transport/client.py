@@ -252,7 +252,7 @@ class ASAPClient:
         url = self.base_url + path
         response = await self._request("POST", url, deadline, encode)
         self.last_response_asap_version = response.headers.get("asap-version")
-        if response.status_code >= 400:
+        if not 200 <= response.status_code < 300:  # redirects too: never followed
             raise _http_status_error(url, response)
         return response
 
@@ -377,7 +377,7 @@ class ASAPClient:
     async def _get_json(self, url: str) -> Any:
         deadline = time.monotonic() + min(self.timeout, 10.0)
         response = await self._request("GET", url, deadline)
-        if response.status_code >= 400 and response.status_code != 503:
+        if not 200 <= response.status_code < 300 and response.status_code != 503:
             raise _http_status_error(url, response)
         return _decode_json(response)
 
@@ -422,13 +422,21 @@ def _with_deadline(envelope: Envelope, deadline: float) -> Envelope:
 
 
 def _http_status_error(url: str, response: httpx.Response) -> ASAPConnectionError:
+    status = response.status_code
+    if 300 <= status < 400:
+        location = response.headers.get("location", "")[:200]
+        return ASAPConnectionError(
+            f"HTTP redirect {status} from {url} to {location!r} not followed: an agent's "
+            "endpoint must answer itself",
+            {"url": url, "status_code": status, "location": location},
+        )
     text = response.text[:200]
-    kind = "server" if response.status_code >= 500 else "client"
+    kind = "server" if status >= 500 else "client"
     error = ASAPConnectionError(
-        f"HTTP {kind} error {response.status_code} from {url}: {text}",
-        {"url": url, "status_code": response.status_code, "body": text},
+        f"HTTP {kind} error {status} from {url}: {text}",
+        {"url": url, "status_code": status, "body": text},
     )
-    error.recoverable = response.status_code >= 500 or response.status_code == 429
+    error.recoverable = status >= 500 or status == 429
     return error
 
 

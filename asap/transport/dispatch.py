@@ -28,6 +28,7 @@ from asap.errors import (
     InvalidParamsError,
     InvalidRequestError,
     InvalidTimestampError,
+    JsonRpcError,
     MethodNotFoundError,
     SkillNotFoundError,
     TaskNotFoundError,
@@ -82,7 +83,7 @@ class RequestMeta:
     """The caller sent ``Prefer: respond-async``: reply ``working`` without waiting."""
     identity: str | None = None
     """The agent URN the caller's bearer token speaks for (authentication on)."""
-    auth_error: ASAPError | None = None
+    auth_error: JsonRpcError | None = None
     """Why the caller is not authenticated (authentication on, token missing or wrong)."""
 
 
@@ -212,7 +213,7 @@ class Dispatcher:
         def authenticate() -> None:
             if meta.auth_error is not None:
                 self.metrics.auth_failures.inc()
-                _log.info("asap.request.auth_failed", error=meta.auth_error.details["error"])
+                _log.info("asap.request.auth_failed", error=meta.auth_error.data["error"])
                 raise meta.auth_error
 
         raw = parse_frame(frame, authenticate if self.auth else None)

@@ -601,3 +601,47 @@ async def test_heartbeat_keeps_a_long_claim(backend: Backend) -> None:
     finally:
         await first.aclose()
         await second.aclose()
+
+
+# -- guard: replay nonces and rate windows --------------------------------------------------
+
+
+async def test_a_nonce_is_used_once_until_it_expires(storage: Storage) -> None:
+    guard = storage.guard
+    assert await guard.use_nonce("alice n1", 0.3)
+    assert not await guard.use_nonce("alice n1", 0.3)
+    assert await guard.use_nonce("bob n1", 0.3)  # keys are the caller's to scope
+    raced = await asyncio.gather(*(guard.use_nonce("race", 5) for _ in range(20)))
+    assert sorted(raced) == [False] * 19 + [True]
+    deadline = time.monotonic() + 5
+    while not await guard.use_nonce("alice n1", 0.3):
+        assert time.monotonic() < deadline, "an expired nonce was never forgotten"
+        await asyncio.sleep(0.05)
+
+
+async def test_a_nonce_used_by_another_storage_instance_is_a_replay(
+    storage: Storage, backend: Backend
+) -> None:
+    """What another worker opening the same URL sees (memory storage is each one's own)."""
+    other = await backend.open()
+    try:
+        assert await storage.guard.use_nonce("shared", 60)
+        assert await other.guard.use_nonce("shared", 60) is (backend.name == "memory")
+    finally:
+        await other.aclose()
+
+
+async def test_rate_windows_refuse_past_the_limit_and_charge_nothing_then(
+    storage: Storage,
+) -> None:
+    from asap.transport.ratelimit import parse_rate_limit
+
+    limits = parse_rate_limit("5/hour;100/day")
+    guard = storage.guard
+    assert await guard.charge("alice", limits, 3) is None
+    refused = await guard.charge("alice", limits, 3)  # 6 > 5: refused whole
+    assert refused is not None and refused[1].text == "5 per 1 hour" and refused[0] >= 1
+    assert await guard.charge("alice", limits, 2) is None  # the refused 3 were not charged
+    assert await guard.charge("alice", limits) is not None
+    assert await guard.charge("bob", limits, 5) is None
+    assert await guard.charge("anyone", [], 1000) is None

@@ -1,0 +1,92 @@
+"""Helpers of the security tests: raw frames, real processes, Redis availability."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from asap.models.ids import generate_id
+from asap.process import AgentProcess, free_port
+
+ALICE, BOB = "urn:asap:agent:alice", "urn:asap:agent:bob"
+ALICE_TOKEN = "alice-token-0123456789abcdef"
+BOB_TOKEN = "bob-token-0123456789abcdef"
+TOKENS = f"{ALICE}={ALICE_TOKEN},{BOB}={BOB_TOKEN}"
+
+
+def frame(
+    sender: str = ALICE,
+    skill: str = "echo",
+    data: Any = None,
+    *,
+    nonce: str | None = None,
+    request_id: Any = None,
+) -> dict[str, Any]:
+    """One ``asap.send`` JSON-RPC request carrying a ``task.request``."""
+    envelope: dict[str, Any] = {
+        "asap_version": "0.1",
+        "sender": sender,
+        "recipient": "urn:asap:agent:target",
+        "payload_type": "task.request",
+        "payload": {"conversation_id": "c", "skill_id": skill, "input": data or {"n": 1}},
+    }
+    if nonce is not None:
+        envelope["extensions"] = {"nonce": nonce}
+    return {
+        "jsonrpc": "2.0",
+        "method": "asap.send",
+        "params": {"envelope": envelope},
+        "id": request_id or generate_id(),
+    }
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {token}"}
+
+
+def error_of(reply: dict[str, Any]) -> tuple[int, Any]:
+    """(code, data) of a JSON-RPC error reply."""
+    assert "error" in reply, reply
+    return reply["error"]["code"], reply["error"]["data"]
+
+
+def status_of(reply: dict[str, Any]) -> str:
+    assert "result" in reply, reply
+    return str(reply["result"]["envelope"]["payload"]["status"])
+
+
+def redis_url() -> str:
+    """A Redis URL with a fresh key prefix; skips (outside CI) when Redis is absent."""
+    try:
+        socket.create_connection(("127.0.0.1", 6379), timeout=0.5).close()
+    except OSError:
+        reason = "Redis is not reachable on 127.0.0.1:6379 (start it to run this test)"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return f"redis://127.0.0.1:6379/0?prefix=asap-test-{generate_id()}:"
+
+
+def start_uvicorn(
+    tmp_path: Path, name: str, env: dict[str, str], app: str = "asap.server:app"
+) -> AgentProcess:
+    """``uvicorn <app>`` on a free loopback port, not yet ready (call ``wait_ready``)."""
+    port = free_port()
+    return AgentProcess(
+        ["-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port)],
+        port,
+        env={"ASAP_LOG_FORMAT": "json", "ASAP_LOG_LEVEL": "INFO", **env},
+        log_path=tmp_path / f"{name}.log",
+    ).start(wait=False)
+
+
+def rss_kib(pid: int) -> int:
+    """Resident memory of a process, in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")
