@@ -389,6 +389,7 @@ def new_client(args: argparse.Namespace) -> ASAPClient:
         require_https=False,  # loopback http; avoids a warning log line
         transport=RecordingTransport(args.exchanges),
         max_retries=args.max_retries,
+        auth_token=args.auth_token,
     )
 
 
@@ -420,6 +421,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=30.0, help="ASAPClient timeout (s)")
     p.add_argument("--case-timeout", type=float, default=60.0, help="hard limit per case (s)")
     p.add_argument("--max-retries", type=int, default=3, help="ASAPClient max_retries")
+    p.add_argument("--auth-token", default=None, help="bearer token the client sends")
     p.add_argument("-v", "--verbose", action="store_true", help="tracebacks to stderr")
     return p.parse_args(argv)
 

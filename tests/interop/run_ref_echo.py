@@ -101,11 +101,11 @@ def stop(proc: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
 
 
 def run_driver(
-    base_url: str, cases: list[str] | None, timeout_s: float = 300.0
+    base_url: str, cases: list[str] | None, timeout_s: float = 300.0, *extra: str
 ) -> subprocess.CompletedProcess[str]:
     sel = ["--all"] if not cases else [a for c in cases for a in ("--case", c)]
     return subprocess.run(
-        [str(REF_PYTHON), "-P", str(DRIVER), "--base-url", base_url, *sel],
+        [str(REF_PYTHON), "-P", str(DRIVER), "--base-url", base_url, *sel, *extra],
         env=ref_env(),
         capture_output=True,
         text=True,

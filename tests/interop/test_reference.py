@@ -127,3 +127,38 @@ async def test_reference_errors_reach_our_client_typed(reference_agent: str) -> 
     assert error.code == "asap:transport/handler_not_found"
     assert error.details == {"payload_type": "foo.bar"}
     assert error.recoverable is False
+
+
+def test_reference_client_authenticates_with_our_server(tmp_path: Path) -> None:
+    """spec 3.12 both ways: the reference client's bearer token opens our agent, its sender
+    (``urn:asap:agent:ref-client``) must be the token's, and a wrong token is refused in the
+    reference's own error shape."""
+    require_reference()
+    from asap.process import free_port
+
+    token = "reference-token-0123456789abcdef"
+    port = free_port()
+    agent = AgentProcess(
+        ["-m", "uvicorn", "asap.server:app", "--port", str(port)],
+        port,
+        env={
+            "ASAP_SKILLS": "skills.echo",
+            "ASAP_AUTH_TOKENS": f"urn:asap:agent:ref-client={token}",
+        },
+        log_path=tmp_path / "agent.log",
+    ).start()
+    try:
+        good = run_ref_echo.parse_results(
+            run_ref_echo.run_driver(agent.url, ["send"], 300.0, "--auth-token", token).stdout
+        )["send"]
+        bad = run_ref_echo.parse_results(
+            run_ref_echo.run_driver(
+                agent.url, ["send"], 300.0, "--auth-token", "wrong-token-0123456789abcdef"
+            ).stdout
+        )["send"]
+    finally:
+        agent.stop()
+    assert good["ok"] and good["echo_ok"], good
+    assert not bad["ok"]
+    assert bad["error_type"] == "RemoteRPCError", bad  # -32600 arrives as its -32034 slot
+    assert bad["data"] == {"error": "Invalid authentication token", "status_code": 401}
