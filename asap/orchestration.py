@@ -281,6 +281,9 @@ class Orchestrator:
             self.state.error = reason
             self.state.step = "refused"
             raise TaskFailedError(reason, self.output().model_dump(mode="json"))
+        if self.ctx.manager is not None:  # the steps to send (not those done before a restart)
+            fan_out = sum(1 for step in self.plan.steps if self.finished(step) is None)
+            self.ctx.manager.metrics.orchestration_fan_out.labels(self.plan.mode).observe(fan_out)
         try:
             if self.plan.mode == "sequential":
                 await self._sequential()

@@ -1,12 +1,26 @@
 """Prometheus metrics of one agent, served at ``GET /asap/metrics`` (spec 6.2).
 
-Metric names are the reference's. Each app owns its registry (no process-global collector),
-and histogram buckets are cumulative once, as Prometheus defines them.
+The reference's metric names are kept, and more are added: skills by outcome and their
+latency, tasks in flight, client retries and circuit breakers, orchestration fan-out (see
+``docs/metrics.md``). Histogram buckets are cumulative once, as Prometheus defines them.
+
+Each app owns its registry (no process-global collector), so the apps a test process creates
+never see each other's counts.
+
+Several worker processes serving one port (``uvicorn --workers N``) would each answer a
+scrape with its own counts only. With ``PROMETHEUS_MULTIPROC_DIR`` set to an empty directory
+in the environment of every worker before they start, prometheus-client's multiprocess mode
+is used: each process writes its values to files there, and a scrape answered by any worker
+aggregates the files of all of them.
 """
 
 from __future__ import annotations
 
+import glob
+import os
+import re
 import time
+from collections.abc import Iterator
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -16,16 +30,52 @@ from prometheus_client import (
     Histogram,
     disable_created_metrics,
     generate_latest,
+    values,
 )
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
-__all__ = ["CONTENT_TYPE", "Metrics"]
+__all__ = [
+    "CONTENT_TYPE",
+    "FAN_OUT_BUCKETS",
+    "MULTIPROC_ENV",
+    "SKILL_BUCKETS",
+    "Metrics",
+    "prune_dead_processes",
+]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+"""The reference's buckets, kept for its histograms."""
+SKILL_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
+"""Skill latency from 1 ms (an echo) to 60 s (a long task; longer ones land in +Inf)."""
+FAN_OUT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000)
+"""Sub-requests per orchestration, up to the ceiling of steps in a plan."""
+CIRCUIT_STATES = {"closed": 0, "half_open": 1, "open": 2}
+"""The value of ``asap_circuit_breaker_state`` for each state."""
+
 # One ``_total`` sample per counter, as the reference prints; no ``_created`` series.
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
 _CANONICAL = {"taskrequest": "task.request"}
+_LIVE_GAUGE_FILE = re.compile(r"gauge_live[a-z]+_(\d+)\.db$")
 
 
 def payload_label(payload_key: str | None) -> str:
@@ -33,10 +83,62 @@ def payload_label(payload_key: str | None) -> str:
     return _CANONICAL.get(payload_key or "", "other")
 
 
-class Metrics:
-    """The counters and histograms of one agent."""
+def multiprocess_dir() -> str | None:
+    """The multiprocess directory when this process writes its values there, else None.
+
+    prometheus-client chooses at import time from ``PROMETHEUS_MULTIPROC_DIR``: the variable
+    must be in the environment before the process starts (as uvicorn's workers inherit it).
+    """
+    if not getattr(values.ValueClass, "_multiprocess", False):
+        return None
+    return os.environ.get(MULTIPROC_ENV) or None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def prune_dead_processes(path: str) -> list[int]:
+    """Forget the live gauges (tasks in flight, breaker states) of processes that are gone,
+    e.g. a worker killed and replaced by uvicorn; their counters and histograms stay, as
+    Prometheus counters must not go down. Returns the pids pruned."""
+    pruned = []
+    for name in glob.glob(os.path.join(path, "gauge_live*_*.db")):
+        match = _LIVE_GAUGE_FILE.search(name)
+        if match is None:
+            continue
+        pid = int(match[1])
+        if pid != os.getpid() and pid not in pruned and not _alive(pid):
+            mark_process_dead(pid, path)  # type: ignore[no-untyped-call]
+            pruned.append(pid)
+    return pruned
+
+
+class _Uptime:
+    """``asap_process_uptime_seconds`` of the process answering the scrape (3 decimals)."""
 
     def __init__(self) -> None:
+        self.started = time.monotonic()
+
+    def collect(self) -> Iterator[Metric]:
+        uptime = GaugeMetricFamily("asap_process_uptime_seconds", "Seconds since the agent started")
+        uptime.add_metric([], round(time.monotonic() - self.started, 3))
+        yield uptime
+
+
+class Metrics:
+    """The counters, histograms and gauges of one agent."""
+
+    def __init__(self) -> None:
+        self.multiprocess_dir = multiprocess_dir()
+        if self.multiprocess_dir:
+            os.makedirs(self.multiprocess_dir, exist_ok=True)
         self.registry = CollectorRegistry(auto_describe=False)
         registry = self.registry
         self.requests = Counter(
@@ -118,12 +220,89 @@ class Metrics:
             buckets=BUCKETS,
             registry=registry,
         )
-        started = time.monotonic()
-        uptime = Gauge(
-            "asap_process_uptime_seconds", "Seconds since the agent started", registry=registry
+        # -- skills and tasks --------------------------------------------------------------
+        self.skill_requests = Counter(
+            "asap_skill_requests",
+            "Skill runs by skill and outcome (completed, failed, cancelled, timeout)",
+            ["skill", "outcome"],
+            registry=registry,
         )
-        uptime.set_function(lambda: round(time.monotonic() - started, 3))
+        self.skill_duration = Histogram(
+            "asap_skill_duration_seconds",
+            "Time a skill ran, whatever its outcome",
+            ["skill"],
+            buckets=SKILL_BUCKETS,
+            registry=registry,
+        )
+        self.tasks_in_flight = Gauge(
+            "asap_tasks_in_flight",
+            "Tasks running in the agent (all worker processes)",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        # -- outgoing calls (the agent's client pool) --------------------------------------
+        self.transport_retries = Counter(
+            "asap_transport_retries",
+            "Requests to peers sent again after a failure a resend can cure",
+            ["target", "reason"],
+            registry=registry,
+        )
+        self.circuit_transitions = Counter(
+            "asap_circuit_breaker_transitions",
+            "Circuit breaker state changes per peer",
+            ["target", "from_state", "to_state"],
+            registry=registry,
+        )
+        self.circuit_state = Gauge(
+            "asap_circuit_breaker_state",
+            "Circuit breaker state per peer: 0 closed, 1 half-open, 2 open (the worst "
+            "among worker processes)",
+            ["target"],
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
+        self.orchestration_fan_out = Histogram(
+            "asap_orchestration_fan_out",
+            "Sub-requests an orchestration sends to peers (its unfinished steps)",
+            ["mode"],
+            buckets=FAN_OUT_BUCKETS,
+            registry=registry,
+        )
+        self._uptime = _Uptime()
+        registry.register(self._uptime)
+
+    # -- recording helpers -----------------------------------------------------------------
+
+    def skill_finished(self, skill: str, outcome: str, seconds: float) -> None:
+        """One skill run ended with ``outcome`` after ``seconds``."""
+        self.skill_requests.labels(skill, outcome).inc()
+        self.skill_duration.labels(skill).observe(seconds)
+
+    def transport_retry(self, target: str, reason: str) -> None:
+        """The client sends a request to ``target`` again after ``reason``."""
+        self.transport_retries.labels(target, reason).inc()
+
+    def circuit_changed(self, target: str, old: str | None, new: str) -> None:
+        """The breaker of ``target`` moved from ``old`` to ``new`` (``old`` None: created)."""
+        if old is not None:
+            self.circuit_transitions.labels(target, old, new).inc()
+        self.circuit_state.labels(target).set(CIRCUIT_STATES[new])
+
+    # -- exposition ------------------------------------------------------------------------
 
     def render(self) -> bytes:
-        """The Prometheus text exposition of every metric."""
-        return generate_latest(self.registry)
+        """The Prometheus text exposition of every metric (of every worker process in
+        multiprocess mode)."""
+        if not self.multiprocess_dir:
+            return generate_latest(self.registry)
+        prune_dead_processes(self.multiprocess_dir)
+        registry = CollectorRegistry(auto_describe=False)
+        MultiProcessCollector(registry, self.multiprocess_dir)  # type: ignore[no-untyped-call]
+        registry.register(self._uptime)
+        return generate_latest(registry)
+
+    def close(self) -> None:
+        """The agent stops: in multiprocess mode, drop this process's live gauges (its tasks
+        in flight and breaker states) from the aggregate."""
+        if self.multiprocess_dir:
+            mark_process_dead(os.getpid(), self.multiprocess_dir)  # type: ignore[no-untyped-call]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -10,6 +10,9 @@ import httpx
 from asap.models.envelope import Envelope
 from asap.transport.client import ASAPClient
 from asap.transport.resilience import RetryConfig, resilient_transport
+
+if TYPE_CHECKING:
+    from asap.observability.metrics import Metrics
 
 __all__ = ["ClientPool"]
 
@@ -20,11 +23,15 @@ class ClientPool:
 
     One pool per peer keeps httpcore's per-request scan of idle connections short when an
     orchestration fans out to many peers at once. Opened and closed by the server's lifespan;
-    skills reach it as ``ctx.client``.
+    skills reach it as ``ctx.client``. Retries and breaker changes are counted in ``metrics``
+    (the agent's) when given.
     """
 
-    def __init__(self, retry_config: RetryConfig, **client_options: Any) -> None:
+    def __init__(
+        self, retry_config: RetryConfig, *, metrics: Metrics | None = None, **client_options: Any
+    ) -> None:
         self.retry_config = retry_config
+        self.metrics = metrics
         self._options = client_options
         self._transports: dict[str, httpx.AsyncBaseTransport] = {}
         self._clients: dict[str, ASAPClient] = {}
@@ -41,7 +48,9 @@ class ClientPool:
             origin = f"{parts.scheme}://{parts.netloc}"
             transport = self._transports.get(origin)
             if transport is None:
-                transport = self._transports[origin] = resilient_transport(self.retry_config)
+                transport = self._transports[origin] = resilient_transport(
+                    self.retry_config, metrics=self.metrics
+                )
             client = ASAPClient(key, shared_transport=transport, **self._options)
             self._clients[key] = client
         return client

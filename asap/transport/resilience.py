@@ -19,7 +19,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -28,6 +28,9 @@ import orjson
 from asap.errors import ASAPTimeoutError, CircuitOpenError
 from asap.observability.logging import get_logger
 from asap.transport.circuit_breaker import CircuitBreaker, CircuitState
+
+if TYPE_CHECKING:
+    from asap.observability.metrics import Metrics
 
 __all__ = [
     "DEADLINE_EXTENSION",
@@ -116,10 +119,12 @@ class RetryTransport(httpx.AsyncBaseTransport):
         config: RetryConfig,
         *,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+        metrics: Metrics | None = None,
     ) -> None:
         self.inner = inner
         self.config = config
         self.sleep = sleep
+        self.metrics = metrics
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         deadline: float | None = request.extensions.get(DEADLINE_EXTENSION)
@@ -165,6 +170,8 @@ class RetryTransport(httpx.AsyncBaseTransport):
                 reason=reason,
                 delay_s=round(wait, 3),
             )
+            if self.metrics is not None:
+                self.metrics.transport_retry(target_of(request.url), reason)
             await self.sleep(wait)
             rebuild = request.extensions.get(REBUILD_EXTENSION)
             if rebuild is not None:
@@ -195,11 +202,13 @@ class CircuitBreakerTransport(httpx.AsyncBaseTransport):
         reset_timeout: float = 60.0,
         *,
         clock: Callable[[], float] = time.monotonic,
+        metrics: Metrics | None = None,
     ) -> None:
         self.inner = inner
         self.threshold = threshold
         self.reset_timeout = reset_timeout
         self.clock = clock
+        self.metrics = metrics
         self.breakers: dict[str, CircuitBreaker] = {}
 
     def breaker(self, target: str) -> CircuitBreaker:
@@ -214,11 +223,15 @@ class CircuitBreakerTransport(httpx.AsyncBaseTransport):
                     CircuitState.HALF_OPEN: "asap.client.circuit_half_open",
                 }[new]
                 _log.warning(event, target=target, previous=old.value)
+                if self.metrics is not None:
+                    self.metrics.circuit_changed(target, old.value, new.value)
 
             breaker = CircuitBreaker(
                 self.threshold, self.reset_timeout, clock=self.clock, on_change=log_change
             )
             self.breakers[target] = breaker
+            if self.metrics is not None:
+                self.metrics.circuit_changed(target, None, breaker.state.value)
         return breaker
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -254,12 +267,20 @@ def resilient_transport(
     inner: httpx.AsyncBaseTransport | None = None,
     *,
     limits: httpx.Limits | None = None,
+    metrics: Metrics | None = None,
 ) -> httpx.AsyncBaseTransport:
-    """The transport stack for ``config``: breaker (if enabled) around retries around ``inner``."""
+    """The transport stack for ``config``: breaker (if enabled) around retries around ``inner``.
+
+    With ``metrics`` (the agent's, for its client pool) retries and breaker changes are
+    counted there.
+    """
     network = inner or httpx.AsyncHTTPTransport(limits=limits or httpx.Limits())
-    stack: httpx.AsyncBaseTransport = RetryTransport(network, config)
+    stack: httpx.AsyncBaseTransport = RetryTransport(network, config, metrics=metrics)
     if config.circuit_breaker_enabled:
         stack = CircuitBreakerTransport(
-            stack, config.circuit_breaker_threshold, config.circuit_breaker_timeout
+            stack,
+            config.circuit_breaker_threshold,
+            config.circuit_breaker_timeout,
+            metrics=metrics,
         )
     return stack

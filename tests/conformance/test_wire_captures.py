@@ -302,6 +302,13 @@ def check_improvement(stem: str, response: httpx.Response) -> None:
             "asap_handler_duration_seconds",
             "asap_idempotent_replays_total",
             "asap_rate_limit_exceeded_total",  # named by the reference checklist, absent there
+            # docs/metrics.md: skills, tasks in flight, circuit breakers, orchestrations
+            "asap_skill_requests_total",
+            "asap_skill_duration_seconds",
+            "asap_tasks_in_flight",
+            "asap_circuit_breaker_transitions_total",
+            "asap_circuit_breaker_state",
+            "asap_orchestration_fan_out",
         }
         assert ours <= reference | ours_only, ours - reference
         assert {"asap_requests_total", "asap_request_duration_seconds"} <= ours
