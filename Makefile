@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install ref run test check bench clean
+.PHONY: install ref run test check bench clean docker-build docker-up docker-down
 
 install: $(VENV)/.installed
 
@@ -35,3 +35,16 @@ bench: install ref
 
 clean:
 	rm -rf $(VENV) .venv-ref .pytest_cache .ruff_cache .mypy_cache
+
+# The container image and the compose fleet (docs/deployment.md); need a Docker engine.
+COMPOSE := docker compose -f docker/compose.yaml
+WORKERS ?= 3
+
+docker-build:
+	docker build -f docker/Dockerfile -t asap:latest .
+
+docker-up: docker-build
+	$(COMPOSE) up -d --scale worker=$(WORKERS)
+
+docker-down:
+	$(COMPOSE) down
