@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from asap.models.envelope import Envelope
-from asap.models.ids import generate_id
+from asap.models.ids import generate_id, generate_span_id
 from asap.models.payloads import TaskRequest
 
 __all__ = ["Context", "current_deadline"]
@@ -97,6 +97,10 @@ class Context:
             input=input,
             **payload,
         )
+        extensions = None
+        trace = (self.envelope.extensions or {}).get("trace_id")
+        if isinstance(trace, str):  # the W3C trace this task joined: the sub-task's parent
+            extensions = {"trace_id": trace, "span_id": generate_span_id()}
         return Envelope(
             id=generate_id(),
             asap_version=self.envelope.asap_version,
@@ -105,4 +109,5 @@ class Context:
             payload_type="task.request",
             payload=request,
             trace_id=self.trace_id,
+            extensions=extensions,
         )

@@ -64,6 +64,12 @@ class Settings:
     """How long a nonce is remembered; at least the timestamp window it guards."""
     max_concurrent_tasks: int = 1000
     """Tasks this process runs at once; past it, new ones are refused with HTTP 503."""
+    shutdown_grace_seconds: int = 30
+    """On SIGTERM, how long running tasks may take to finish before they are interrupted
+    (resumable ones are left to another instance, others fail)."""
+    shutdown_delay_seconds: float = 0.0
+    """On SIGTERM, how long the agent keeps its port open with ``/ready`` answering 503 (so a
+    load balancer stops sending) before it stops accepting connections."""
     log_redact_keys: tuple[str, ...] = ()
     """More key names (parts) whose values never reach the logs, beyond password, token,
     secret, authorization, credential and api_key."""

@@ -60,6 +60,9 @@ def instance_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{generate_id()[-6:]}"
 
 
+SHUTDOWN_MESSAGE = "The agent shut down before the task finished; it was not completed"
+
+
 class TaskManager:
     """Creates, runs, tracks, cancels and resumes the tasks of one agent instance."""
 
@@ -84,6 +87,9 @@ class TaskManager:
         self.listeners: dict[str, list[Callable[[dict[str, Any]], None]]] = {}
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = False
+        self.draining_since: float | None = None
+        """When a graceful shutdown began (monotonic), or None."""
+        self._grace_timer: asyncio.TimerHandle | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -93,14 +99,39 @@ class TaskManager:
         await self.adopt_orphans()
         self._loop_task = asyncio.create_task(self._maintain(), name="asap-task-leases")
 
-    async def stop(self) -> None:
-        """Stop the lease loop and this instance's tasks. Resumable tasks keep their status,
-        so another instance (or this one, restarted) resumes them once the lease ends."""
+    def drain(self) -> None:
+        """Begin a graceful shutdown: refuse new tasks (the caller retries elsewhere) and give
+        running ones ``shutdown_grace_seconds`` to finish; then :meth:`interrupt` the rest."""
+        if self.draining_since is not None:
+            return
+        self.draining_since = time.monotonic()
+        grace = self.settings.shutdown_grace_seconds
+        _log.info("asap.server.draining", running=len(self.running), grace_seconds=grace)
+        loop = asyncio.get_running_loop()
+        self._grace_timer = loop.call_later(grace, self.interrupt)
+
+    def interrupt(self) -> None:
+        """Stop every running task now: a resumable one stays ``working`` with its lease
+        released, so another instance (or this one, restarted) resumes it from its last
+        checkpoint at once; any other is answered and stored as ``failed``."""
+        if self.running:
+            _log.warning("asap.server.grace_expired", interrupted=len(self.running))
         self._stopping = True
-        if self._loop_task is not None:
-            self._loop_task.cancel()
         for task in list(self.running.values()):
             task.cancel()
+
+    async def stop(self) -> None:
+        """Stop the lease loop and this instance's tasks. When draining, running tasks first
+        get what is left of the grace period."""
+        if self.draining_since is not None and self.running:
+            left = self.settings.shutdown_grace_seconds - (time.monotonic() - self.draining_since)
+            if left > 0:
+                await asyncio.wait(list(self.running.values()), timeout=left)
+        if self._grace_timer is not None:
+            self._grace_timer.cancel()
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+        self.interrupt()
         if self.running:
             await asyncio.wait(list(self.running.values()), timeout=5)
         await self.flush()
@@ -175,6 +206,11 @@ class TaskManager:
         already: a clear overload reply rather than an unbounded queue.
         """
         assert self.storage is not None
+        if self.draining_since is not None:
+            raise ThreadPoolExhaustedError(
+                "Agent is shutting down; send the task to another instance",
+                {"draining": True},
+            )
         limit = self.settings.max_concurrent_tasks
         if len(self.running) >= limit:
             self.metrics.overloaded.inc()
@@ -245,11 +281,13 @@ class TaskManager:
             self._execute(record, spec, resume_from, envelope), name=record.id
         )
         self.running[record.id] = task
+        self.metrics.tasks_in_flight.set(len(self.running))
         task.add_done_callback(lambda _: self._forget(record.id))
         return task
 
     def _forget(self, task_id: str) -> None:
         self.running.pop(task_id, None)
+        self.metrics.tasks_in_flight.set(len(self.running))
         self.listeners.pop(task_id, None)
         self.creating.pop(task_id, None)
 
@@ -298,8 +336,13 @@ class TaskManager:
     ) -> IdempotencyRecord:
         assert self.storage is not None
         status, result = await self.run_skill(spec, envelope, record.id, resume_from)
-        if status is TaskStatus.CANCELLED and self._stopping and spec.resumable:
-            return IdempotencyRecord("", record.id, TaskStatus.WORKING.value, None)
+        if status is TaskStatus.CANCELLED and self._stopping:
+            if spec.resumable:  # left to another instance: its lease ends now
+                await self.persist(record.id)
+                await self.storage.tasks.update(record.id, expect=ACTIVE, lease_until=0.0)
+                return IdempotencyRecord("", record.id, TaskStatus.WORKING.value, None)
+            status = TaskStatus.FAILED
+            result = {"error": {"type": "ShutdownError", "message": SHUTDOWN_MESSAGE}}
         await self.finish(record.id, status, result)
         self.notify(record.id, {"final": True, "status": status.value, "result": result})
         return IdempotencyRecord("", record.id, status.value, result)
@@ -396,6 +439,8 @@ class TaskManager:
         self.metrics.handler_duration.labels("task.request").observe(elapsed)
         if status is TaskStatus.FAILED:
             self.metrics.handler_errors.labels("task.request").inc()
+        timed_out = status is TaskStatus.FAILED and limit.expired()
+        self.metrics.skill_finished(spec.id, "timeout" if timed_out else status.value, elapsed)
         return status, result
 
     def deadline_error(self, spec: SkillSpec, timeout: int | None) -> dict[str, Any]:

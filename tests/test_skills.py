@@ -117,7 +117,16 @@ async def test_manifest_publishes_schemas_of_annotated_models(agent: httpx.Async
             "skills"
         ]
     }
-    assert sorted(skills) == ["bad-return", "echo", "fail", "greet", "progress", "sleep", "whoami"]
+    assert sorted(skills) == [
+        "bad-return",
+        "echo",
+        "fail",
+        "greet",
+        "note",
+        "progress",
+        "sleep",
+        "whoami",
+    ]
     greet = skills["greet"]
     assert greet["description"] == "Greet someone, validated by pydantic models"
     assert greet["input_schema"]["properties"]["name"]["minLength"] == 1
@@ -149,7 +158,16 @@ async def test_unknown_skill_lists_available_skills(agent: httpx.AsyncClient) ->
     assert error["message"] == "Unknown skill: nope"
     assert error["data"]["details"] == {
         "skill_id": "nope",
-        "available_skills": ["bad-return", "echo", "fail", "greet", "progress", "sleep", "whoami"],
+        "available_skills": [
+            "bad-return",
+            "echo",
+            "fail",
+            "greet",
+            "note",
+            "progress",
+            "sleep",
+            "whoami",
+        ],
     }
     assert error["data"]["recoverable"] is False
 

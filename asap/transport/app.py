@@ -7,11 +7,15 @@ Routes: ``POST /asap`` (JSON-RPC, single or batch), ``POST /asap/stream`` (SSE),
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import signal
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from types import FrameType
 from typing import Any
 
 from starlette.applications import Starlette
@@ -135,6 +139,35 @@ def _overloaded(data: dict[str, Any]) -> Response:
     return _json(body, 503, {"retry-after": str(retry_after)})
 
 
+def _drain_on_sigterm(drain: Callable[[], None], delay: float) -> Callable[[], None]:
+    """Chain a graceful drain in front of the server's SIGTERM handler (uvicorn's): drain at
+    once, pass the signal on after ``delay`` seconds. Returns the function that undoes it.
+    Only the main thread may set handlers; elsewhere (tests) nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    loop = asyncio.get_running_loop()
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def forward(signum: int) -> None:
+        if callable(previous):
+            previous(signum, None)
+        else:
+            signal.signal(signal.SIGTERM, previous)
+            signal.raise_signal(signum)
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        loop.call_soon_threadsafe(drain)
+        loop.call_soon_threadsafe(loop.call_later, delay, forward, signum)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+    def restore() -> None:
+        if signal.getsignal(signal.SIGTERM) is on_sigterm:
+            signal.signal(signal.SIGTERM, previous)
+
+    return restore
+
+
 def _detail(status_code: int, detail: str, headers: dict[str, str] | None = None) -> Response:
     return _json({"detail": detail}, status_code, headers)
 
@@ -232,6 +265,7 @@ def create_app(
             compression_threshold=64 * 1024,
             auth_token=settings.client_token,
             nonces=True,
+            metrics=metrics,
         )
         storage = await open_storage(
             settings.storage_url,
@@ -239,6 +273,7 @@ def create_app(
             idempotency_max_entries=settings.idempotency_max_entries,
         )
         await dispatcher.tasks.start(storage, pool)
+        restore_signal = _drain_on_sigterm(dispatcher.tasks.drain, settings.shutdown_delay_seconds)
         _log.info(
             "asap.server.started",
             agent_id=settings.agent_id,
@@ -249,9 +284,11 @@ def create_app(
         try:
             yield
         finally:
+            restore_signal()
             await dispatcher.tasks.stop()
             await pool.aclose()
             await storage.aclose()
+            metrics.close()
 
     async def read_body(request: Request) -> bytes:
         limit = settings.max_request_size
@@ -403,6 +440,20 @@ def create_app(
     async def ok_endpoint(request: Request) -> Response:
         return _json({"status": "ok"})
 
+    async def ready_endpoint(request: Request) -> Response:
+        """Ready to take tasks: not draining, and the storage answers."""
+        tasks = dispatcher.tasks
+        if tasks.draining_since is not None:
+            return _json({"status": "draining"}, 503)
+        assert tasks.storage is not None
+        try:
+            async with asyncio.timeout(2.0):
+                await tasks.storage.tasks.get("asap-readiness-probe")
+        except (ASAPError, TimeoutError) as exc:
+            _log.warning("asap.server.storage_unreachable", error=str(exc) or "timeout")
+            return _json({"status": "storage unreachable"}, 503)
+        return _json({"status": "ok"})
+
     async def http_exception(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         return _detail(exc.status_code, exc.detail, dict(exc.headers or {}))
@@ -418,7 +469,7 @@ def create_app(
         Route("/.well-known/asap/health", health_endpoint, methods=["GET"]),
         Route("/asap/metrics", metrics_endpoint, methods=["GET"]),
         Route("/health", ok_endpoint, methods=["GET"]),
-        Route("/ready", ok_endpoint, methods=["GET"]),
+        Route("/ready", ready_endpoint, methods=["GET"]),
     ]
     app = Starlette(
         routes=routes,

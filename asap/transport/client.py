@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import re
 import time
 from collections.abc import Callable, Sequence
 from types import TracebackType
@@ -51,6 +52,7 @@ __all__ = ["ASAPClient", "HEALTH_PATH", "LOCAL_HOSTS", "MANIFEST_PATH", "RetryCo
 LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 MANIFEST_PATH = "/.well-known/asap/manifest.json"
 HEALTH_PATH = "/.well-known/asap/health"
+_W3C = re.compile(r"^[0-9a-f]{32}-[0-9a-f]{16}$")
 _log = get_logger("asap.client")
 
 
@@ -292,7 +294,12 @@ class ASAPClient:
             },
             "id": f"req-{next(self._ids)}",
         }
-        encode = self._frames(frame, {"x-idempotency-key": idempotency_key})
+        headers = {"x-idempotency-key": idempotency_key}
+        extensions = envelope.extensions or {}
+        trace, span = extensions.get("trace_id"), extensions.get("span_id")
+        if isinstance(trace, str) and isinstance(span, str) and _W3C.match(f"{trace}-{span}"):
+            headers["traceparent"] = f"00-{trace}-{span}-01"  # the hop, for HTTP tracers too
+        encode = self._frames(frame, headers)
         _log.debug(
             "asap.client.send",
             url=self.base_url,

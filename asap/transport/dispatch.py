@@ -57,7 +57,8 @@ from asap.transport.jsonrpc import (
 __all__ = ["Dispatcher", "RequestMeta"]
 
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")
-_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
+_HEX16 = re.compile(r"^[0-9a-f]{16}$")
+_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}$")
 _log = get_logger("asap.server")
 
 ERROR_TYPES: dict[type[ASAPError], str] = {
@@ -104,6 +105,29 @@ def _otel_trace_id(envelope: Envelope, meta: RequestMeta) -> str:
     if isinstance(candidate, str) and _HEX32.match(candidate):
         return candidate
     return generate_trace_id()
+
+
+def joined_trace(envelope: Envelope, meta: RequestMeta) -> Envelope:
+    """The task's envelope, carrying the W3C trace it joins (``traceparent`` header, else
+    ``extensions.trace_id`` + ``span_id``, else a new trace) in ``extensions``, and a
+    ``trace_id`` (the caller's, else the W3C one). Its skill logs that ``trace_id`` and its
+    sub-requests carry both on, so one orchestration is one trace in every agent's logs."""
+    trace = _otel_trace_id(envelope, meta)
+    extensions = dict(envelope.extensions or {})
+    parent = extensions.get("span_id")
+    if meta.traceparent:
+        match = _TRACEPARENT.match(meta.traceparent.strip())
+        parent = match.group(2) if match else parent
+    if envelope.trace_id and (extensions.get("trace_id"), extensions.get("span_id")) == (
+        trace,
+        parent,
+    ):
+        return envelope  # a sub-request of one of ours: already joined
+    extensions["trace_id"] = trace
+    extensions["span_id"] = parent if isinstance(parent, str) and _HEX16.match(parent) else None
+    return envelope.model_copy(
+        update={"trace_id": envelope.trace_id or trace, "extensions": extensions}
+    )
 
 
 class Dispatcher:
@@ -294,6 +318,7 @@ class Dispatcher:
     async def on_task_request(self, envelope: Envelope, meta: RequestMeta) -> dict[str, Any]:
         """Run a skill as a stored task; reply with its outcome, or ``working`` at once when
         the caller sent ``Prefer: respond-async``."""
+        envelope = joined_trace(envelope, meta)
         request: TaskRequest = envelope.payload
         spec = self.tasks.find_skill(request.skill_id)
         spec.parse_input(request.input)  # invalid input is -32602 before any task exists
@@ -423,6 +448,7 @@ class Dispatcher:
         envelope = await self.prepare(frame, meta)
         if envelope.payload_key != "taskrequest":
             raise HandlerNotFoundError(envelope.payload_type, streaming=True)
+        envelope = joined_trace(envelope, meta)
         request: TaskRequest = envelope.payload
         spec = self.tasks.find_skill(request.skill_id)
         spec.parse_input(request.input)
