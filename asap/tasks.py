@@ -163,12 +163,16 @@ class TaskManager:
     async def adopt_orphans(self) -> None:
         """Take over tasks whose owner stopped renewing its lease."""
         assert self.storage is not None
+        if self.draining_since is not None:
+            return
         now = time.time()
         for record in await self.storage.tasks.expired(now):
+            spec = self.registry.get(record.skill_id)
+            if spec is None:  # another kind of agent's task (shared storage): theirs to adopt
+                continue
             if not await self.storage.tasks.claim(record.id, self.instance, now + self.lease, now):
                 continue
-            spec = self.registry.get(record.skill_id)
-            if spec is not None and spec.resumable:
+            if spec.resumable:
                 _log.info("asap.tasks.resuming", task_id=record.id, skill_id=record.skill_id)
                 snapshot = await self.storage.snapshots.get(record.id)
                 self.launch(record, spec, snapshot)

@@ -191,7 +191,11 @@ async def test_a_task_whose_owner_vanished_is_taken_over(agent: httpx.AsyncClien
     await manager.storage.tasks.create(orphan("task_resumable", "progress", {"steps": 3}))
     await manager.storage.snapshots.append("task_resumable", {"done": 2}, checkpoint=True)
     await manager.storage.tasks.create(orphan("task_plain", "sleep", {"seconds": 0}))
+    # another kind of agent's task in the same storage: left for an agent that serves it
+    await manager.storage.tasks.create(orphan("task_foreign", "orchestrate", {"steps": []}))
     await manager.adopt_orphans()
+    foreign = await manager.storage.tasks.get("task_foreign")
+    assert (foreign.status, foreign.owner) == (TaskStatus.WORKING, "dead-instance")
     resumed = await wait_for(agent, "task_resumable", "completed")
     assert resumed["result"] == {"done": 3, "resumed_from": 2}
     lost = await query(agent, "task_plain")

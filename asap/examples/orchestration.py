@@ -67,12 +67,24 @@ def build_task_envelope(
 async def run_orchestration(
     worker_a_url: str = "http://127.0.0.1:8001",
     worker_b_url: str = "http://127.0.0.1:8002",
+    *,
+    allow_http: bool = False,
 ) -> OrchestrationState:
-    """Send to worker A, then to worker B; return the final state (never raises ASAPError)."""
+    """Send to worker A, then to worker B; return the final state (never raises ASAPError).
+
+    Plain ``http://`` to a non-loopback host needs ``allow_http`` (e.g. inside a compose
+    network); without it the orchestration fails at once with the client's reason."""
     state = OrchestrationState(conversation_id=generate_id(), trace_id=generate_id())
     bind_context(trace_id=state.trace_id, correlation_id=state.conversation_id)
     try:
-        async with ASAPClient(worker_a_url) as client_a, ASAPClient(worker_b_url) as client_b:
+        try:
+            client_a = ASAPClient(worker_a_url, require_https=not allow_http)
+            client_b = ASAPClient(worker_b_url, require_https=not allow_http)
+        except ValueError as exc:
+            state.error, state.step = str(exc), "failed_at_start"
+            log.error("asap.orchestration.failed", error=str(exc))
+            return state
+        async with client_a, client_b:
             for name, client, recipient in (
                 ("a", client_a, WORKER_A_ID),
                 ("b", client_b, WORKER_B_ID),
@@ -117,8 +129,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Orchestrate two ASAP worker agents.")
     parser.add_argument("--worker-a-url", default="http://127.0.0.1:8001")
     parser.add_argument("--worker-b-url", default="http://127.0.0.1:8002")
+    parser.add_argument(
+        "--allow-http",
+        action="store_true",
+        help="allow plain http:// to non-loopback workers (e.g. http://worker:8000 in compose)",
+    )
     args = parser.parse_args(argv)
-    state = asyncio.run(run_orchestration(args.worker_a_url, args.worker_b_url))
+    state = asyncio.run(
+        run_orchestration(args.worker_a_url, args.worker_b_url, allow_http=args.allow_http)
+    )
     log.info("asap.orchestration.demo_complete", completed=state.completed, error=state.error)
     return 0 if state.completed else 1
 

@@ -75,3 +75,30 @@ def test_state_migration_moves_a_snapshot_between_agents() -> None:
     )
     done = next(line for line in lines if line["event"] == "asap.state_migration.demo_complete")
     assert done["data"] == {"step": 3}
+
+
+def test_the_orchestration_refuses_plain_http_to_other_hosts_without_a_traceback() -> None:
+    """Inside a compose network the workers are http://worker:8000: the script says why it
+    cannot go on (exit 1, `asap.orchestration.failed`) unless --allow-http is given."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "asap.examples.orchestration",
+            "--worker-a-url",
+            "http://worker-a.invalid:8000",
+            "--worker-b-url",
+            "http://worker-b.invalid:8000",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 1
+    assert "asap.orchestration.failed" in output and "HTTPS is required" in output
+    assert "Traceback" not in output
