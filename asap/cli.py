@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import contextlib
 import json
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass
@@ -299,6 +302,8 @@ def _serve(args: argparse.Namespace) -> int:
             os.environ[option.variable] = str(value)
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # skills importable from here, as with `uvicorn`
+    if args.workers > 1:
+        _metrics_folder()
     try:
         # Build the app once here: a bad setting or skill module fails now, in one line,
         # rather than in every worker with a traceback each. This also sets up logging, so
@@ -318,6 +323,23 @@ def _serve(args: argparse.Namespace) -> int:
         log_config=None,
     )
     return EXIT_OK
+
+
+def _metrics_folder() -> None:
+    """Several worker processes serve one port: their metrics go to files in one folder
+    (prometheus-client's multiprocess mode, docs/metrics.md), so any worker's scrape counts
+    them all. An operator's ``PROMETHEUS_MULTIPROC_DIR`` is emptied of a previous run's
+    files; without one, a temporary folder is used and removed at exit."""
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+        for name in os.listdir(folder):
+            if name.endswith(".db"):
+                os.remove(os.path.join(folder, name))
+        return
+    folder = tempfile.mkdtemp(prefix="asap-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+    atexit.register(shutil.rmtree, folder, True)
 
 
 def _stopped(signum: int, frame: FrameType | None) -> None:

@@ -464,3 +464,40 @@ def test_every_option_and_variable_is_documented() -> None:
     docs = (ROOT / "docs" / "cli.md").read_text()
     for option in (*SERVE_OPTIONS, *SEND_OPTIONS):
         assert f"`{option.flag}`" in docs and f"`{option.variable}`" in docs, option.flag
+
+
+def test_serve_with_workers_counts_metrics_of_every_worker(tmp_path: Path) -> None:
+    """`asap serve --workers 2` sets up prometheus-client's multiprocess folder itself, so a
+    scrape answered by either worker counts the requests both served."""
+    port = free_port()
+    env = {"ASAP_RATE_LIMIT": "off", "PROMETHEUS_MULTIPROC_DIR": ""}
+    args = ["--port", str(port), "--workers", "2", "--storage-url", "memory://"]
+    agent = serve(tmp_path, [*args, "--skills", "skills.echo"], env, port)
+    frame = {
+        "jsonrpc": "2.0",
+        "method": "asap.send",
+        "params": {
+            "envelope": {
+                "asap_version": "0.1",
+                "sender": "urn:asap:agent:cli-test",
+                "recipient": "urn:asap:agent:default-server",
+                "payload_type": "task.request",
+                "payload": {"conversation_id": "c", "skill_id": "echo", "input": {}},
+            }
+        },
+        "id": "1",
+    }
+    with agent:
+        for _ in range(20):  # a new connection each: the kernel spreads them over the workers
+            assert httpx.post(agent.url + "/asap", json=frame).status_code == 200
+        totals = set()
+        for _ in range(6):
+            text = httpx.get(agent.url + "/asap/metrics").text
+            totals.add(
+                sum(
+                    float(line.rsplit(" ", 1)[1])
+                    for line in text.splitlines()
+                    if line.startswith("asap_requests_total{")
+                )
+            )
+    assert totals == {20.0}
