@@ -97,3 +97,18 @@ def test_bad_settings_fail_clearly() -> None:
         asap_logging.configure_logging("xml", force=True)
     with pytest.raises(ValueError, match="ASAP_LOG_LEVEL"):
         asap_logging.configure_logging("json", "LOUD", force=True)
+
+
+def test_a_json_log_event_is_one_line_whatever_a_caller_sent(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """U+2028, U+2029 and NEL are valid unescaped in JSON but split lines for many readers."""
+    try:
+        asap_logging.configure_logging("json", "INFO", force=True)
+        hostile = "a\u2028b\u2029c\x85d\ne\rf"
+        asap_logging.get_logger("test").info("demo.hostile", skill=hostile)
+        lines = capsys.readouterr().out.splitlines()  # splits on all of them
+        assert len(lines) == 1
+        assert json.loads(lines[0])["skill"] == hostile
+    finally:
+        asap_logging.configure_logging("console", "WARNING", force=True)

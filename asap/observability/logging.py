@@ -95,8 +95,18 @@ class _StdoutHandler(logging.StreamHandler):  # type: ignore[type-arg]
         super().emit(record)
 
 
+_LINE_BREAKS = {"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+"""Characters JSON allows unescaped that some readers (Python's ``splitlines``, JavaScript)
+take as line ends; escaped, so one event stays one line whatever a caller sent."""
+
+
 def _json_renderer(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> str:
-    return orjson.dumps(event_dict, default=str).decode()
+    line = orjson.dumps(event_dict, default=str).decode()
+    if not line.isascii():
+        for char, escaped in _LINE_BREAKS.items():
+            if char in line:
+                line = line.replace(char, escaped)
+    return line
 
 
 def configure_logging(

@@ -20,7 +20,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -299,11 +299,17 @@ def create_app(
             )
         chunks: list[bytes] = []
         size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise HTTPError(413, f"Request size ({size} bytes) exceeds maximum ({limit} bytes)")
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise HTTPError(
+                        413, f"Request size ({size} bytes) exceeds maximum ({limit} bytes)"
+                    )
+                chunks.append(chunk)
+        except ClientDisconnect:  # nobody is left to answer; nothing was started
+            _log.info("asap.request.client_disconnected", received_bytes=size)
+            raise HTTPError(400, "Client disconnected before sending the whole body") from None
         return b"".join(chunks)
 
     def meta_of(request: Request) -> RequestMeta:
