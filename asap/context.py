@@ -10,6 +10,7 @@ from typing import Any
 from asap.models.envelope import Envelope
 from asap.models.ids import generate_id, generate_span_id
 from asap.models.payloads import TaskRequest
+from asap.observability.tracing import current_span_id
 
 __all__ = ["Context", "current_deadline"]
 
@@ -100,7 +101,7 @@ class Context:
         extensions = None
         trace = (self.envelope.extensions or {}).get("trace_id")
         if isinstance(trace, str):  # the W3C trace this task joined: the sub-task's parent
-            extensions = {"trace_id": trace, "span_id": generate_span_id()}
+            extensions = {"trace_id": trace, "span_id": current_span_id() or generate_span_id()}
         return Envelope(
             id=generate_id(),
             asap_version=self.envelope.asap_version,

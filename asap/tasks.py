@@ -37,6 +37,7 @@ from asap.models.enums import TaskStatus
 from asap.models.envelope import Envelope
 from asap.models.ids import generate_id, generate_task_id
 from asap.models.payloads import TaskRequest
+from asap.observability import tracing
 from asap.observability.logging import get_logger
 from asap.observability.metrics import Metrics
 from asap.registry import SkillRegistry, SkillSpec
@@ -405,14 +406,22 @@ class TaskManager:
             task_id=task_id,
         ):
             limit = asyncio.timeout(timeout)
+            attributes = {
+                "asap.payload_type": envelope.payload_type,
+                "asap.agent.urn": self.agent_id,
+                "asap.envelope.id": envelope.id,
+                "asap.skill.id": spec.id,
+                "asap.task.id": task_id,
+            }
             try:
-                async with limit:
-                    if spec.is_async:
-                        value = await spec.func(*args)
-                    else:
-                        # A thread cannot be stopped: past the deadline we answer and stop
-                        # waiting, and the thread finishes on its own.
-                        value = await run_in_threadpool(partial(spec.func, *args))
+                with tracing.span("asap.handler.execute", envelope.extensions, attributes):
+                    async with limit:
+                        if spec.is_async:
+                            value = await spec.func(*args)
+                        else:
+                            # A thread cannot be stopped: past the deadline we answer and stop
+                            # waiting, and the thread finishes on its own.
+                            value = await run_in_threadpool(partial(spec.func, *args))
                 result = spec.dump_output(value)
                 status = TaskStatus.COMPLETED
             except asyncio.CancelledError:

@@ -37,6 +37,7 @@ from asap.models.entities import AuthScheme, Capability, Endpoint, Manifest
 from asap.observability.logging import configure_logging, get_logger, protect
 from asap.observability.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from asap.observability.metrics import Metrics
+from asap.observability.tracing import setup_tracing
 from asap.registry import SkillRegistry
 from asap.settings import Settings
 from asap.state import open_storage
@@ -230,6 +231,7 @@ def create_app(
     """
     settings = (settings or Settings.from_env()).with_overrides(**overrides)
     configure_logging(settings.log_format, settings.log_level, settings.service_name)
+    setup_tracing(settings.service_name)
     if registry is None:
         registry = SkillRegistry()
         for module in settings.skills:

@@ -90,3 +90,53 @@ def test_one_orchestration_is_one_trace_in_three_processes(tmp_path: Path) -> No
     assert third["trace_id"] == mine
     for name, ids in zip(("orchestrator", "worker-a", "worker-b"), seen, strict=True):
         assert ids == {generated, w3c, mine}, (name, ids)
+
+
+def spans(log: Path) -> list[dict[str, Any]]:
+    """The OpenTelemetry spans a process exported with the console exporter."""
+    found = []
+    for line in log.read_text().splitlines():
+        if line.startswith("{") and '"asap.handler.execute"' in line:
+            record = json.loads(line)
+            if "context" in record:
+                found.append(record)
+    return found
+
+
+def test_opentelemetry_spans_form_one_tree_across_agents(tmp_path: Path) -> None:
+    """With the otel extra and OTEL_TRACES_EXPORTER set, the orchestrator's task span is the
+    parent of each worker's task span, all in the caller's trace."""
+    otel = {"OTEL_TRACES_EXPORTER": "console", "OTEL_SERVICE_NAME": "asap-test"}
+    workers = {
+        name: start_uvicorn(tmp_path, name, {"ASAP_AGENT_ID": f"urn:asap:agent:{name}", **otel})
+        for name in ("worker-a", "worker-b")
+    }
+    for worker in workers.values():
+        worker.wait_ready()
+    orchestrator = start_uvicorn(
+        tmp_path,
+        "orchestrator",
+        {
+            "ASAP_AGENT_ID": "urn:asap:agent:orchestrator",
+            "ASAP_SKILLS": "skills.orchestrator",
+            "ASAP_PEERS": ",".join(f"{n}={w.url}" for n, w in workers.items()),
+            **otel,
+        },
+    )
+    w3c, caller_span = secrets.token_hex(16), secrets.token_hex(8)
+    try:
+        orchestrator.wait_ready()
+        orchestrate(orchestrator.url, {"traceparent": f"00-{w3c}-{caller_span}-01"})
+    finally:
+        orchestrator.stop()
+        for worker in workers.values():
+            worker.stop()
+    (root,) = spans(orchestrator.log_path)
+    assert root["context"]["trace_id"] == "0x" + w3c
+    assert root["parent_id"] == "0x" + caller_span
+    assert root["attributes"]["asap.skill.id"] == "orchestrate"
+    for worker in workers.values():
+        (child,) = spans(worker.log_path)
+        assert child["context"]["trace_id"] == "0x" + w3c
+        assert child["parent_id"] == root["context"]["span_id"]
+        assert child["attributes"]["asap.agent.urn"].startswith("urn:asap:agent:worker-")
