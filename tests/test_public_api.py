@@ -28,3 +28,22 @@ def test_seed_import_paths_exist() -> None:
     from asap.models.payloads import TaskRequest  # noqa: F401
     from asap.observability.logging import bind_context, clear_context, get_logger  # noqa: F401
     from asap.transport.client import ASAPClient  # noqa: F401
+
+
+def test_every_environment_variable_is_in_the_configuration_reference() -> None:
+    """docs/configuration.md names every Settings field's variable and every other ASAP_
+    variable the package reads."""
+    import re
+    from dataclasses import fields
+    from pathlib import Path
+
+    from asap.settings import Settings
+
+    root = Path(__file__).resolve().parent.parent
+    doc = (root / "docs" / "configuration.md").read_text()
+    wanted = {f"ASAP_{f.name.upper()}" for f in fields(Settings) if f.name != "extra"}
+    for source in (root / "asap").rglob("*.py"):
+        wanted |= set(re.findall(r"\bASAP_[A-Z][A-Z_]*[A-Z]\b", source.read_text()))
+    wanted -= {"ASAP_VERSION"}  # the protocol header's name, not a variable
+    missing = sorted(name for name in wanted if f"`{name}`" not in doc)
+    assert missing == []
