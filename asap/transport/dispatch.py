@@ -95,39 +95,35 @@ def request_fingerprint(request: TaskRequest) -> str:
 
 
 def _otel_trace_id(envelope: Envelope, meta: RequestMeta) -> str:
-    """The W3C trace id this request joins, or a new one (spec 6.3)."""
+    """The W3C trace id of this request (set by :func:`join_trace`), or a new one."""
+    trace = (envelope.extensions or {}).get("trace_id")
+    return trace if isinstance(trace, str) and _HEX32.match(trace) else generate_trace_id()
+
+
+def join_trace(raw: dict[str, Any], meta: RequestMeta) -> None:
+    """Record in a request envelope (before validation) the W3C trace it joins: the
+    ``traceparent`` header's, else ``extensions.trace_id`` (+ ``span_id`` as the parent), else
+    its ``trace_id`` if that is one, else a new trace; and give it a ``trace_id`` (the
+    caller's, else the W3C one). A task logs that ``trace_id`` and its sub-requests carry both
+    on, so one orchestration is one trace in every agent's logs (spec 6.3, pitfall 14)."""
+    extensions = raw.get("extensions")
+    if extensions is None:
+        extensions = {}
+    elif not isinstance(extensions, dict):
+        return  # validation refuses it
+    trace, parent = extensions.get("trace_id"), extensions.get("span_id")
     if meta.traceparent:
         match = _TRACEPARENT.match(meta.traceparent.strip())
         if match and match.group(1) != "0" * 32:
-            return match.group(1)
-    extensions = envelope.extensions or {}
-    candidate = extensions.get("trace_id") or envelope.trace_id
-    if isinstance(candidate, str) and _HEX32.match(candidate):
-        return candidate
-    return generate_trace_id()
-
-
-def joined_trace(envelope: Envelope, meta: RequestMeta) -> Envelope:
-    """The task's envelope, carrying the W3C trace it joins (``traceparent`` header, else
-    ``extensions.trace_id`` + ``span_id``, else a new trace) in ``extensions``, and a
-    ``trace_id`` (the caller's, else the W3C one). Its skill logs that ``trace_id`` and its
-    sub-requests carry both on, so one orchestration is one trace in every agent's logs."""
-    trace = _otel_trace_id(envelope, meta)
-    extensions = dict(envelope.extensions or {})
-    parent = extensions.get("span_id")
-    if meta.traceparent:
-        match = _TRACEPARENT.match(meta.traceparent.strip())
-        parent = match.group(2) if match else parent
-    if envelope.trace_id and (extensions.get("trace_id"), extensions.get("span_id")) == (
-        trace,
-        parent,
-    ):
-        return envelope  # a sub-request of one of ours: already joined
-    extensions["trace_id"] = trace
-    extensions["span_id"] = parent if isinstance(parent, str) and _HEX16.match(parent) else None
-    return envelope.model_copy(
-        update={"trace_id": envelope.trace_id or trace, "extensions": extensions}
-    )
+            trace, parent = match.group(1), match.group(2)
+    if not (isinstance(trace, str) and _HEX32.match(trace)):
+        given = raw.get("trace_id")
+        trace = given if isinstance(given, str) and _HEX32.match(given) else generate_trace_id()
+    if not (isinstance(parent, str) and _HEX16.match(parent)):
+        parent = None
+    raw["extensions"] = {**extensions, "trace_id": trace, "span_id": parent}
+    if raw.get("trace_id") is None:
+        raw["trace_id"] = trace
 
 
 class Dispatcher:
@@ -241,6 +237,7 @@ class Dispatcher:
                 raise meta.auth_error
 
         raw = parse_frame(frame, authenticate if self.auth else None)
+        join_trace(raw, meta)
         try:
             envelope = Envelope.model_validate(raw)
         except ValidationError as exc:
@@ -318,7 +315,6 @@ class Dispatcher:
     async def on_task_request(self, envelope: Envelope, meta: RequestMeta) -> dict[str, Any]:
         """Run a skill as a stored task; reply with its outcome, or ``working`` at once when
         the caller sent ``Prefer: respond-async``."""
-        envelope = joined_trace(envelope, meta)
         request: TaskRequest = envelope.payload
         spec = self.tasks.find_skill(request.skill_id)
         spec.parse_input(request.input)  # invalid input is -32602 before any task exists
@@ -448,7 +444,6 @@ class Dispatcher:
         envelope = await self.prepare(frame, meta)
         if envelope.payload_key != "taskrequest":
             raise HandlerNotFoundError(envelope.payload_type, streaming=True)
-        envelope = joined_trace(envelope, meta)
         request: TaskRequest = envelope.payload
         spec = self.tasks.find_skill(request.skill_id)
         spec.parse_input(request.input)
