@@ -8,6 +8,7 @@ Routes: ``POST /asap`` (JSON-RPC, single or batch), ``POST /asap/stream`` (SSE),
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import json
 import signal
@@ -276,6 +277,11 @@ def create_app(
         )
         await dispatcher.tasks.start(storage, pool)
         restore_signal = _drain_on_sigterm(dispatcher.tasks.drain, settings.shutdown_delay_seconds)
+        # What start-up built (modules, models, schemas) lives as long as the process: out of
+        # the collector's way, a full collection scans only what requests left behind (on a
+        # slow machine, 40 ms pauses become a few ms: the p99 latency).
+        gc.collect()
+        gc.freeze()
         _log.info(
             "asap.server.started",
             agent_id=settings.agent_id,
