@@ -70,6 +70,10 @@ class Settings:
     shutdown_delay_seconds: float = 0.0
     """On SIGTERM, how long the agent keeps its port open with ``/ready`` answering 503 (so a
     load balancer stops sending) before it stops accepting connections."""
+    gc_freeze: bool = True
+    """After start-up, move every object that exists to the garbage collector's permanent
+    generation (``gc.freeze``), so full collections under load stay short. Turn off when the
+    agent is embedded in a process whose start-up objects must stay collectable."""
     log_redact_keys: tuple[str, ...] = ()
     """More key names (parts) whose values never reach the logs, beyond password, token,
     secret, authorization, credential and api_key."""

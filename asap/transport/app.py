@@ -280,8 +280,9 @@ def create_app(
         # What start-up built (modules, models, schemas) lives as long as the process: out of
         # the collector's way, a full collection scans only what requests left behind (on a
         # slow machine, 40 ms pauses become a few ms: the p99 latency).
-        gc.collect()
-        gc.freeze()
+        if settings.gc_freeze:
+            gc.collect()
+            gc.freeze()
         _log.info(
             "asap.server.started",
             agent_id=settings.agent_id,
