@@ -28,10 +28,17 @@ check: install
 	$(BIN)/ruff format --check asap skills
 	$(BIN)/mypy
 
-bench: install ref
-	$(BIN)/python bench/run.py
+# docs/benchmarks.md. BENCH_ARGS goes to bench/run.py, e.g. BENCH_ARGS="--runs 1 --duration 2".
+bench: install ref $(VENV)/.bench-installed
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
+	$(BIN)/python bench/chart.py
 	$(BIN)/python bench/orchestration.py
 	$(BIN)/python bench/state.py
+
+# matplotlib (the `bench` extra) for bench/chart.py: installed here, not by install or test.
+$(VENV)/.bench-installed: $(VENV)/.installed pyproject.toml
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	touch $@
 
 clean:
 	rm -rf $(VENV) .venv-ref .pytest_cache .ruff_cache .mypy_cache
