@@ -13,26 +13,12 @@ from typing import Any
 import httpx
 import pytest
 
-from asap.models.ids import generate_id
 from asap.process import AgentProcess, free_port
-from tests.security.common import start_uvicorn
+from tests.security.common import frame, start_uvicorn
 
 
 def task_frame(skill: str, data: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "jsonrpc": "2.0",
-        "method": "asap.send",
-        "params": {
-            "envelope": {
-                "asap_version": "0.1",
-                "sender": "urn:asap:agent:tester",
-                "recipient": "urn:asap:agent:worker",
-                "payload_type": "task.request",
-                "payload": {"conversation_id": "drain", "skill_id": skill, "input": data},
-            }
-        },
-        "id": generate_id(),
-    }
+    return frame("urn:asap:agent:tester", skill, data)
 
 
 def query_frame(task_id: str) -> dict[str, Any]:
