@@ -207,6 +207,14 @@ class Connection:
             raise StorageError("Redis storage is closed")
         return await call(self._scripts[name](keys=keys, args=args))
 
+    async def scripts(self, name: str, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """Run a Lua script once per (keys, args), all in one pipeline: one round trip."""
+        script = self._scripts[name]
+        async with self.client.pipeline(transaction=False) as pipe:
+            for keys, args in calls:
+                await script(keys=keys, args=args, client=pipe)
+            return cast(list[Any], await call(pipe.execute()))
+
     async def aclose(self) -> None:
         """Close the connection pool; later calls are no-ops."""
         if not self._closed:
@@ -317,6 +325,12 @@ class RedisTaskStore(TaskStore):
         keys = [self._key(record.id), self._leases]
         if not await self._conn.script("create", keys, self._args(record)):
             raise StorageError(f"Task {record.id} already exists")
+
+    async def create_many(self, records: list[TaskRecord]) -> None:
+        # one pipeline of ``create`` scripts; each leaves an existing task as it is
+        calls = [([self._key(r.id), self._leases], self._args(r)) for r in records]
+        if calls:
+            await self._conn.scripts("create", calls)
 
     async def get(self, task_id: str) -> TaskRecord | None:
         text = await call(self._conn.client.hget(self._key(task_id), "record"))
