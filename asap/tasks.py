@@ -448,10 +448,6 @@ class TaskManager:
             _log.info(
                 "asap.request.processed", status=status.value, duration_ms=round(elapsed * 1000, 3)
             )
-        self.metrics.handler_executions.labels("task.request").inc()
-        self.metrics.handler_duration.labels("task.request").observe(elapsed)
-        if status is TaskStatus.FAILED:
-            self.metrics.handler_errors.labels("task.request").inc()
         timed_out = status is TaskStatus.FAILED and limit.expired()
         self.metrics.skill_finished(spec.id, "timeout" if timed_out else status.value, elapsed)
         return status, result

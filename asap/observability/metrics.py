@@ -21,6 +21,7 @@ import os
 import re
 import time
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -136,6 +137,11 @@ class Metrics:
     """The counters, histograms and gauges of one agent."""
 
     def __init__(self) -> None:
+        # Labelled children looked up once per label set (label values come from bounded
+        # sets: payload types, error classes, registered skills): ``labels()`` costs more
+        # than the increment itself, several times per request.
+        self._answered: dict[tuple[str, str | None], tuple[Any, Any, Any]] = {}
+        self._finished: dict[tuple[str, str], tuple[Any, ...]] = {}
         self.multiprocess_dir = multiprocess_dir()
         if self.multiprocess_dir:
             os.makedirs(self.multiprocess_dir, exist_ok=True)
@@ -273,10 +279,45 @@ class Metrics:
 
     # -- recording helpers -----------------------------------------------------------------
 
+    def request_answered(self, payload_type: str, seconds: float, error: str | None) -> None:
+        """One JSON-RPC request answered, with the ``error_type`` label of its error if any."""
+        children = self._answered.get((payload_type, error))
+        if children is None:
+            status = "success" if error is None else "error"
+            children = (
+                self.requests.labels(payload_type, status),
+                self.request_duration.labels(payload_type, status),
+                self.requests_success.labels(payload_type)
+                if error is None
+                else self.requests_error.labels(payload_type, error),
+            )
+            self._answered[(payload_type, error)] = children
+        total, duration, outcome = children
+        total.inc()
+        duration.observe(seconds)
+        outcome.inc()
+
     def skill_finished(self, skill: str, outcome: str, seconds: float) -> None:
-        """One skill run ended with ``outcome`` after ``seconds``."""
-        self.skill_requests.labels(skill, outcome).inc()
-        self.skill_duration.labels(skill).observe(seconds)
+        """One skill run (a ``task.request``) ended with ``outcome`` after ``seconds``."""
+        children = self._finished.get((skill, outcome))
+        if children is None:
+            children = (
+                self.handler_executions.labels("task.request"),
+                self.handler_duration.labels("task.request"),
+                self.skill_requests.labels(skill, outcome),
+                self.skill_duration.labels(skill),
+                self.handler_errors.labels("task.request")
+                if outcome in ("failed", "timeout")
+                else None,
+            )
+            self._finished[(skill, outcome)] = children
+        executions, duration, by_skill, skill_duration, errors = children
+        executions.inc()
+        duration.observe(seconds)
+        by_skill.inc()
+        skill_duration.observe(seconds)
+        if errors is not None:
+            errors.inc()
 
     def transport_retry(self, target: str, reason: str) -> None:
         """The client sends a request to ``target`` again after ``reason``."""

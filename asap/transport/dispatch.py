@@ -205,16 +205,10 @@ class Dispatcher:
         self, payload_key: str | None, started: float, error: ASAPError | None = None
     ) -> None:
         """Record one answered request in the metrics."""
-        label = payload_label(payload_key)
-        metrics = self.metrics
-        status = "success" if error is None else "error"
-        metrics.requests.labels(label, status).inc()
-        metrics.request_duration.labels(label, status).observe(time.perf_counter() - started)
-        if error is None:
-            metrics.requests_success.labels(label).inc()
-        else:
-            error_type = ERROR_TYPES.get(type(error), type(error).__name__)
-            metrics.requests_error.labels(label, error_type).inc()
+        error_type = None if error is None else ERROR_TYPES.get(type(error), type(error).__name__)
+        self.metrics.request_answered(
+            payload_label(payload_key), time.perf_counter() - started, error_type
+        )
 
     def internal_error(self, exc: BaseException) -> InternalError:
         """The -32603 reply; the exception stays in the log unless debug is on."""
