@@ -20,7 +20,7 @@ from functools import partial
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
-from structlog.contextvars import bound_contextvars
+from structlog.contextvars import bind_contextvars
 
 from asap.context import Context, current_deadline
 from asap.errors import (
@@ -399,55 +399,56 @@ class TaskManager:
         started = time.perf_counter()
         timeout = self.task_timeout(request)
         deadline_token = current_deadline.set(ctx.deadline)
-        with bound_contextvars(
+        # the task runs in its own context: bound for its lifetime, no reset needed
+        bind_contextvars(
             trace_id=envelope.trace_id,
             correlation_id=envelope.id,
             skill_id=spec.id,
             task_id=task_id,
-        ):
-            limit = asyncio.timeout(timeout)
-            attributes = {
-                "asap.payload_type": envelope.payload_type,
-                "asap.agent.urn": self.agent_id,
-                "asap.envelope.id": envelope.id,
-                "asap.skill.id": spec.id,
-                "asap.task.id": task_id,
-            }
-            try:
-                with tracing.span("asap.handler.execute", envelope.extensions, attributes):
-                    async with limit:
-                        if spec.is_async:
-                            value = await spec.func(*args)
-                        else:
-                            # A thread cannot be stopped: past the deadline we answer and stop
-                            # waiting, and the thread finishes on its own.
-                            value = await run_in_threadpool(partial(spec.func, *args))
-                result = spec.dump_output(value)
-                status = TaskStatus.COMPLETED
-            except asyncio.CancelledError:
-                _log.info("asap.handler.cancelled")
-                status, result = TaskStatus.CANCELLED, None
-            except TimeoutError as exc:
-                if limit.expired():
-                    _log.warning("asap.handler.timeout", timeout_seconds=timeout)
-                    error = self.deadline_error(spec, timeout)
-                else:  # the skill's own timeout, not our deadline
-                    _log.exception("asap.handler.error", error_type=type(exc).__name__)
-                    error = self.safe_error(exc)
-                status, result = TaskStatus.FAILED, {"error": error}
-            except TaskFailedError as exc:
-                _log.warning("asap.handler.failed", error=exc.message)
-                error = {"type": type(exc).__name__, "message": exc.message}
-                status, result = TaskStatus.FAILED, {"error": error, **exc.result}
-            except Exception as exc:
+        )
+        limit = asyncio.timeout(timeout)
+        attributes = {
+            "asap.payload_type": envelope.payload_type,
+            "asap.agent.urn": self.agent_id,
+            "asap.envelope.id": envelope.id,
+            "asap.skill.id": spec.id,
+            "asap.task.id": task_id,
+        }
+        try:
+            with tracing.span("asap.handler.execute", envelope.extensions, attributes):
+                async with limit:
+                    if spec.is_async:
+                        value = await spec.func(*args)
+                    else:
+                        # A thread cannot be stopped: past the deadline we answer and stop
+                        # waiting, and the thread finishes on its own.
+                        value = await run_in_threadpool(partial(spec.func, *args))
+            result = spec.dump_output(value)
+            status = TaskStatus.COMPLETED
+        except asyncio.CancelledError:
+            _log.info("asap.handler.cancelled")
+            status, result = TaskStatus.CANCELLED, None
+        except TimeoutError as exc:
+            if limit.expired():
+                _log.warning("asap.handler.timeout", timeout_seconds=timeout)
+                error = self.deadline_error(spec, timeout)
+            else:  # the skill's own timeout, not our deadline
                 _log.exception("asap.handler.error", error_type=type(exc).__name__)
-                status, result = TaskStatus.FAILED, {"error": self.safe_error(exc)}
-            finally:
-                current_deadline.reset(deadline_token)
-            elapsed = time.perf_counter() - started
-            _log.info(
-                "asap.request.processed", status=status.value, duration_ms=round(elapsed * 1000, 3)
-            )
+                error = self.safe_error(exc)
+            status, result = TaskStatus.FAILED, {"error": error}
+        except TaskFailedError as exc:
+            _log.warning("asap.handler.failed", error=exc.message)
+            error = {"type": type(exc).__name__, "message": exc.message}
+            status, result = TaskStatus.FAILED, {"error": error, **exc.result}
+        except Exception as exc:
+            _log.exception("asap.handler.error", error_type=type(exc).__name__)
+            status, result = TaskStatus.FAILED, {"error": self.safe_error(exc)}
+        finally:
+            current_deadline.reset(deadline_token)
+        elapsed = time.perf_counter() - started
+        _log.info(
+            "asap.request.processed", status=status.value, duration_ms=round(elapsed * 1000, 3)
+        )
         timed_out = status is TaskStatus.FAILED and limit.expired()
         self.metrics.skill_finished(spec.id, "timeout" if timed_out else status.value, elapsed)
         return status, result
