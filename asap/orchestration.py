@@ -219,6 +219,7 @@ class Orchestrator:
         self.slots = asyncio.Semaphore(limit)
         self.log = ctx.logger
         self.unsaved = False
+        self._dumps: dict[str, tuple[StepOutcome, dict[str, Any]]] = {}
         self.closing = False
         self._saver: asyncio.Task[None] | None = None
         self.batcher = _Batcher(ctx)
@@ -249,11 +250,18 @@ class Orchestrator:
     async def _save(self) -> None:
         while self.unsaved and not self.closing:
             self.unsaved = False
-            results = {k: v.model_dump(mode="json") for k, v in self.state.results.items()}
+            results = {k: self._dumped(k, v) for k, v in self.state.results.items()}
             try:
                 await self.ctx.checkpoint({"results": results})
             except Exception:  # the next save, or the final result, covers it
                 self.log.exception("asap.orchestration.checkpoint_failed")
+
+    def _dumped(self, step_id: str, outcome: StepOutcome) -> dict[str, Any]:
+        """``outcome`` as JSON, dumped once: each save holds every result so far."""
+        cached = self._dumps.get(step_id)
+        if cached is None or cached[0] is not outcome:
+            cached = self._dumps[step_id] = (outcome, outcome.model_dump(mode="json"))
+        return cached[1]
 
     async def _finish_saving(self) -> None:
         """No new saves once the outcome is known (the task record holds it); let the one
