@@ -373,6 +373,8 @@ class TaskManager:
             if not self._stopping:
                 await asyncio.sleep(OUTBOX_WINDOW)  # gather a batch: one transaction for many
             batch = list(self.outbox.values())
+            if not batch:  # another flush (the one of stop()) wrote them meanwhile
+                return
             try:
                 await self.storage.tasks.create_many(batch)
             except Exception:
