@@ -22,6 +22,7 @@ from typing import Any
 from starlette.concurrency import run_in_threadpool
 from structlog.contextvars import bind_contextvars
 
+from asap import memory
 from asap.context import Context, current_deadline
 from asap.errors import (
     ASAPError,
@@ -148,6 +149,7 @@ class TaskManager:
                 await self._tick()
             except Exception:
                 _log.exception("asap.tasks.maintenance_failed")
+            memory.trim()  # what large requests left free goes back to the system
 
     async def _tick(self) -> None:
         assert self.storage is not None

@@ -26,6 +26,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from asap import memory
 from asap.errors import (
     ASAPError,
     HTTPError,
@@ -283,6 +284,7 @@ def create_app(
         if settings.gc_freeze:
             gc.collect()
             gc.freeze()
+        memory.tune()  # large blocks mapped on their own, so freeing them frees the memory
         _log.info(
             "asap.server.started",
             agent_id=settings.agent_id,
