@@ -250,8 +250,10 @@ def test_build_context_keeps_out_venvs_caches_git_and_databases() -> None:
 
 def test_make_targets_build_and_run_the_fleet() -> None:
     done = subprocess.run(
-        ["make", "-n", "docker-build", "docker-up", "docker-down"],
+        ["make", "-n", "--no-print-directory", "docker-build", "docker-up", "docker-down"],
         cwd=ROOT,
+        # run from `make test` (as CI does), make would otherwise say which directory it enters
+        env={k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")},
         capture_output=True,
         text=True,
         timeout=30,
