@@ -1,4 +1,4 @@
-"""Fuzzing a real agent process with hostile input.
+"""Fuzzing a real agent process with hostile input (security).
 
 What this proves: an agent started the way a user starts it (``python -m uvicorn
 asap.server:app`` in its own process, JSON logs, the shipped skills) survives more than 10,000
@@ -12,19 +12,27 @@ seeded, deterministic hostile requests sent over 12 concurrent connections:
   log line (an unexpected write to stderr);
 - afterwards ``GET /health`` and a valid echo request succeed, and SIGTERM stops it cleanly;
 - its resident memory (``VmRSS``) is back within ``RSS_MARGIN_MB`` of a baseline measured
-  after a warm-up, so hostile input leaves nothing behind that grows with the number of
-  requests (caches keyed by input, buffers, tasks that never end).
+  after a warm-up of 300 valid requests and the 14 bodies of ~10 MiB, so hostile input leaves
+  nothing behind that grows with the number of requests (caches keyed by input, buffers,
+  tasks that never end).
 
 The inputs (``Fuzzer``): mutated ``task.request`` (and other) envelopes, mutated JSON-RPC
 frames, batches, broken bytes (truncated JSON, BOMs, non-UTF-8, deep nesting), hostile
 headers, compressed bodies (truncated, mislabelled, bombs), other routes and methods, bodies
-near the size limit, and what httpx refuses to send (Content-Length mismatches, bad chunked
-encoding, broken request lines and headers), written to raw sockets. The generator is seeded
-(``SEED``), so every run sends the same inputs; only timestamps follow the clock.
+at and past the size limit, and broken HTTP (Content-Length mismatches, bad chunked encoding,
+broken request lines and headers) written to raw sockets. The generator is seeded (``SEED``),
+so every run sends the same inputs; only timestamps follow the clock. Requests are written
+byte for byte by a small keep-alive client (``Connection``): httpx would add and normalize
+headers, refuse some, and costs ~3 ms a request on a 2-core machine shared with the server.
 
-Tasks are stored in SQLite (a file in the test's temporary directory), not ``memory://``: the
-memory store keeps every accepted task by design, which would make the RSS check measure how
-many fuzzed requests happened to be valid instead of whether anything leaks.
+The agent runs with:
+
+- SQLite storage in the test's temporary directory, not ``memory://``: the memory store keeps
+  every accepted task by design, so the RSS check would measure how many fuzzed requests
+  happened to be valid rather than whether anything leaks;
+- no rate limit, so that every input reaches the pipeline (limits have their own tests);
+- a maintenance loop every ``TRIM_PERIOD`` second, so the heap trim that follows it
+  (``asap.memory``) runs while RSS is read.
 
 ``pytest tests/security/test_fuzz.py -s`` prints the status histogram and the RSS figures.
 """
@@ -61,8 +69,20 @@ SEED = 0x5EC0F022
 MIN_INPUTS = 10_000
 CONCURRENCY = 12
 WARMUP_REQUESTS = 300
-RSS_MARGIN_MB = 25
-"""Allowed growth of the server's RSS over the post-warm-up baseline (see the test)."""
+RSS_MARGIN_MB = 15
+"""Allowed growth of the agent's RSS over its baseline (after the warm-up and the heavy bodies).
+
+Observed on a 2-core machine: +3.5 to +6 MB after the 10,700 other inputs (the Python heap,
+traced with tracemalloc, grows by under 1 MB: manifests cached per Host, short payload types
+normalized; the rest is allocator fragmentation). With the unbounded payload-type cache this
+test found put back, the same run ends +18 to +22 MB, so the margin fails on that bug; spread
+over the inputs it also catches any leak of more than ~1.4 KB per request."""
+TRIM_PERIOD = 1
+"""Seconds between the agent's heap trims (``ASAP_TASK_LEASE_SECONDS`` / 3)."""
+REPLY_TIMEOUT = 30
+"""Seconds a request may wait for (more of) its reply."""
+PHASE_DEADLINE = 300
+"""Seconds a phase may take (about 30 s on a 2-core machine): past it the agent hangs."""
 MAX_BODY = 10 * 1024 * 1024  # the server's default ASAP_MAX_REQUEST_SIZE
 AGENT_ID = "urn:asap:agent:fuzz-target"
 SENDER = "urn:asap:agent:fuzzer"
@@ -76,6 +96,7 @@ INTERNAL_ERROR_EVENTS = frozenset(
         "asap.tasks.maintenance_failed",
         "asap.tasks.persist_failed",
         "asap.tasks.outbox_write_failed",
+        "asap.orchestration.checkpoint_failed",
     }
 )
 """What the server logs when something fails inside it (``asap/transport``, ``asap/tasks.py``)."""
@@ -344,7 +365,13 @@ HUGE_SIZES = [2_000, 70_000, 1_100_000]
 
 def value_pool() -> dict[str, list[Raw]]:
     """Large values, serialized once: long strings, deep nesting (both sides of the limit of
-    128 levels, and far past it), large containers."""
+    128 levels, and far past it), large containers.
+
+    Containers stop at 10,000 elements: with 50,000 the run takes 10 s longer and leaves RSS
+    ~20 MB higher, not in live memory (the Python heap is back within 1 MB) but in pymalloc
+    arenas pinned by a few survivors, a high-water mark that would hide what the RSS check
+    looks for. The 10 MiB body of 2.6 million empty objects (``case_size``) stays.
+    """
     pool: dict[str, list[Raw]] = {}
     for size in HUGE_SIZES:
         pool[f"huge-{size}"] = [
@@ -358,7 +385,7 @@ def value_pool() -> dict[str, list[Raw]]:
         pool["nested"].append(Raw('{"a":' * depth + "1" + "}" * depth))
         pool["nested"].append(Raw('{"k":[' * (depth // 2) + '"x"' + "]}" * (depth // 2)))
     pool["container"] = []
-    for size in [100, 1_000, 50_000]:
+    for size in [100, 1_000, 10_000]:
         pool["container"] += [
             Raw(json.dumps(list(range(size)))),
             Raw(json.dumps({f"k{i}": i for i in range(size)})),
@@ -380,9 +407,9 @@ class Fuzzer:
         "compression": 600,
         "routes": 500,
         "stream": 300,
-        "size": 12,
         "raw": 400,
     }
+    HEAVY = 14
 
     def __init__(self, seed: int) -> None:
         self.rng = random.Random(seed)
@@ -1019,8 +1046,10 @@ class Fuzzer:
         elif kind == 8:
             body = zlib.compress(plain)
             label = rng.choice([b"deflate", b"gzip"])
-        elif kind == 9:  # multi-member gzip, trailing garbage
-            body = gzip.compress(plain) + rng.choice([gzip.compress(b"{}"), b"garbage"])
+        elif kind == 9:  # gzip members one after another, or trailing garbage; the first
+            # member past 64 KiB once sent the agent into an endless loop
+            padding = b" " * rng.choice([0, 100_000])
+            body = gzip.compress(padding + plain) + rng.choice([gzip.compress(b"{}"), b"junk"])
             label = b"gzip"
         elif kind == 10:  # compressed deep nesting / huge numbers
             body = self.compressed(
@@ -1091,14 +1120,15 @@ class Fuzzer:
         return Case("routes", method=rng.choice(["GET", "POST"]), path=path, body=body)
 
     def case_size(self) -> Case:
-        """Bodies at and past the 10 MiB limit (few: each costs tens of milliseconds).
+        """Bodies at and past the 10 MiB limit (few: some cost the agent seconds).
 
-        None of them becomes a task: a stored task of ~10 MB costs the storage seconds and
-        hundreds of MB while it is written, which would make the RSS check measure the
-        allocator's high-water mark rather than what stays behind.
+        None becomes a task: a stored task of ~10 MB costs the storage seconds and ~100 MB
+        while it is written, and leaves RSS several MB higher (allocator fragmentation),
+        noise the RSS check would have to allow for; the agent's memory with such tasks is a
+        matter for its own test.
         """
         self.sized += 1
-        kind = self.sized % 6
+        kind = self.sized % 7
         frame = self.valid_frame()
         if kind == 0:  # a request just under the limit, parsed and validated, then refused
             frame["params"]["envelope"]["payload"] = self.task_request("no-such-skill")
@@ -1117,6 +1147,10 @@ class Fuzzer:
             item["params"]["envelope"]["payload"] = self.task_request("orchestrate")
             item["params"]["envelope"]["payload"]["input"] = {"big": "y" * (MAX_BODY // 60)}
             return Case("size", body=self.frame_bytes([item] * 50), headers=self.headers())
+        if kind == 5 and self.sized < 7:  # once: many nests just within the depth limit
+            nest = b"[" * 126 + b"]" * 126
+            body = b"[" + b",".join([nest] * (MAX_BODY // (len(nest) + 1) - 1)) + b"]"
+            return Case("size", body=body, headers=self.headers())
         body = b'{"a":"' + b"\\u00e9" * (MAX_BODY // 6 - 2) + b'"}'  # escapes: 6 bytes each
         return Case("size", body=body, headers=self.headers())
 
@@ -1251,11 +1285,16 @@ class Fuzzer:
         return raw_case(headers=[(b"content-length", str(size).encode())], body=body)
 
     def cases(self) -> Iterator[Case]:
-        """Every category's share of cases, interleaved in a seeded order."""
+        """Every category's share of cases (but ``size``), interleaved in a seeded order."""
         plan = [name for name, count in self.CATEGORIES.items() for _ in range(count)]
         self.rng.shuffle(plan)
         for name in plan:
             yield getattr(self, f"case_{name}")()
+
+    def heavy(self) -> Iterator[Case]:
+        """The ``size`` cases: bodies of about 10 MiB."""
+        for _ in range(self.HEAVY):
+            yield self.case_size()
 
     def warmup(self, count: int) -> Iterator[Case]:
         """Valid requests of every kind: the code paths a normal client exercises."""
@@ -1293,7 +1332,8 @@ class Fuzzer:
 
 @dataclass
 class Case:
-    """One hostile request: sent with httpx, or written to a raw socket when ``raw`` is set."""
+    """One hostile request: sent on a keep-alive connection (``Connection``), or written to a
+    new socket as it is when ``raw`` is set."""
 
     kind: str
     method: str = "POST"
@@ -1437,7 +1477,7 @@ class Connection:
             pass  # the server may answer (413) and close before reading everything
         try:
             while not (reply.done or (head and reply.headers_done)):
-                chunk = await asyncio.wait_for(self.reader.read(1 << 16), timeout=60)
+                chunk = await asyncio.wait_for(self.reader.read(1 << 16), timeout=REPLY_TIMEOUT)
                 if not chunk:
                     break
                 parser.feed_data(chunk)
@@ -1464,7 +1504,7 @@ async def send_raw(port: int, case: Case) -> Outcome:
         await writer.drain()
         if case.half_close:
             writer.write_eof()
-        data = await asyncio.wait_for(reader.read(), timeout=30)
+        data = await asyncio.wait_for(reader.read(), timeout=REPLY_TIMEOUT)
     except (OSError, TimeoutError) as exc:
         return Outcome([], error=f"{type(exc).__name__}: {exc}")
     finally:
@@ -1510,23 +1550,39 @@ def describe(case: Case) -> str:
     return f"[{headers[:300]!r}] {len(data)} bytes {data[:200]!r}"
 
 
-async def run_cases(port: int, cases: Iterator[Case], results: Results) -> None:
-    """Send ``cases`` over ``CONCURRENCY`` connections, each taking the next case when free."""
+async def run_cases(
+    port: int, cases: Iterator[Case], results: Results, deadline: float = PHASE_DEADLINE
+) -> None:
+    """Send ``cases`` over ``CONCURRENCY`` connections, each taking the next case when free.
 
-    async def worker() -> None:
+    Fails when the whole takes longer than ``deadline`` seconds (an agent that stopped
+    answering), naming the requests it was given last.
+    """
+    in_flight: dict[int, Case] = {}
+
+    async def worker(index: int) -> None:
         connection = Connection(port)
         try:
             for case in cases:  # one shared iterator: each case is taken once
+                in_flight[index] = case
                 if case.raw is not None:
                     outcome = await send_raw(port, case)
                 else:
                     head = case.method == "HEAD"
                     outcome = await connection.exchange(http_request(case), head=head)
                 results.record(case, outcome)
+                del in_flight[index]
         finally:
             await connection.close()
 
-    await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+    try:
+        async with asyncio.timeout(deadline):
+            await asyncio.gather(*(worker(index) for index in range(CONCURRENCY)))
+    except TimeoutError:
+        waiting = "\n".join(describe(case) for case in in_flight.values())
+        raise AssertionError(
+            f"no end after {deadline} s ({results.count} answered); in flight:\n{waiting}"
+        ) from None
 
 
 # -- the server --------------------------------------------------------------------------------
@@ -1539,8 +1595,33 @@ def rss_mb(pid: int) -> float:
     raise AssertionError(f"no VmRSS for {pid}")
 
 
-def log_problems(path: Path) -> tuple[int, list[str]]:
-    """Lines of the server's log that show an internal failure, and the number of lines."""
+def settled_rss_mb(pid: int, timeout: float = 15) -> float:
+    """RSS once the process is idle (background work such as the task outbox done): the
+    lowest reading over ``TRIM_PERIOD`` and a half after its CPU time stopped moving for
+    0.5 s, so that the agent's periodic heap trim has run (``asap.memory``)."""
+
+    def cpu_ticks() -> int:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])  # utime + stime
+
+    deadline = time.monotonic() + timeout
+    previous, quiet = cpu_ticks(), 0
+    while quiet < 2 and time.monotonic() < deadline:
+        time.sleep(0.25)
+        current = cpu_ticks()
+        quiet = quiet + 1 if current == previous else 0
+        previous = current
+    lowest = rss_mb(pid)
+    until = time.monotonic() + TRIM_PERIOD * 1.5
+    while time.monotonic() < until:
+        time.sleep(0.1)
+        lowest = min(lowest, rss_mb(pid))
+    return lowest
+
+
+def read_log(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """The server's log lines as JSON objects, and the lines showing an internal failure."""
+    entries: list[dict[str, Any]] = []
     problems: list[str] = []
     lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
     for number, line in enumerate(lines, 1):
@@ -1551,6 +1632,7 @@ def log_problems(path: Path) -> tuple[int, list[str]]:
         if not isinstance(entry, dict):
             problems.append(f"line {number} is not a JSON log line: {line[:300]}")
             continue
+        entries.append(entry)
         level = str(entry.get("level", "")).lower()
         if (
             "Traceback" in line
@@ -1559,7 +1641,7 @@ def log_problems(path: Path) -> tuple[int, list[str]]:
             or "exception" in entry
         ):
             problems.append(f"line {number}: {line[:2000]}")
-    return len(lines), problems
+    return entries, problems
 
 
 def echo_request(message: str) -> dict[str, Any]:
@@ -1588,6 +1670,8 @@ def test_hostile_inputs_leave_a_running_agent_healthy(tmp_path: Path) -> None:
             "ASAP_LOG_LEVEL": "INFO",
             "ASAP_STORAGE_URL": f"sqlite:///{tmp_path / 'state.db'}",
             "ASAP_RATE_LIMIT": "",  # every input reaches the pipeline (empty: no limit)
+            # the maintenance loop (leases, then a heap trim) runs every lease / 3 seconds
+            "ASAP_TASK_LEASE_SECONDS": str(TRIM_PERIOD * 3),
         },
         log_path=log_path,
         cwd=Path(__file__).resolve().parents[2],
@@ -1602,12 +1686,18 @@ def test_hostile_inputs_leave_a_running_agent_healthy(tmp_path: Path) -> None:
         warmup = Results()
         asyncio.run(run_cases(port, fuzzer.warmup(WARMUP_REQUESTS), warmup))
         assert warmup.problems == [] and set(warmup.statuses) == {"200"}, warmup.statuses
-        baseline = rss_mb(agent.pid)
 
+        # The 10 MiB bodies go first: parsing one allocates up to millions of objects at
+        # once, and the allocator's high-water mark they leave is not what the RSS check is
+        # after, so the baseline is taken after them.
+        started = time.monotonic()
+        asyncio.run(run_cases(port, fuzzer.heavy(), results))
+        elapsed = time.monotonic() - started
+        baseline = settled_rss_mb(agent.pid)
         started = time.monotonic()
         asyncio.run(run_cases(port, fuzzer.cases(), results))
-        elapsed = time.monotonic() - started
-        peak = rss_mb(agent.pid)
+        elapsed += time.monotonic() - started
+        right_after = rss_mb(agent.pid)
 
         health = httpx.get(agent.url + "/health", timeout=10)
         assert health.status_code == 200 and health.json() == {"status": "ok"}
@@ -1617,16 +1707,11 @@ def test_hostile_inputs_leave_a_running_agent_healthy(tmp_path: Path) -> None:
         assert payload["status"] == "completed"
         assert payload["result"] == {"echoed": {"m": "still alive"}}
 
-        # Memory freed late (the allocator, background flushes) gets a moment to settle.
-        deadline = time.monotonic() + 5
-        final = rss_mb(agent.pid)
-        while final > baseline + RSS_MARGIN_MB and time.monotonic() < deadline:
-            httpx.get(agent.url + "/health", timeout=10)
-            final = min(final, rss_mb(agent.pid))
+        final = settled_rss_mb(agent.pid)
     finally:
         exit_code = agent.stop()
 
-    lines, logged = log_problems(log_path)
+    entries, logged = read_log(log_path)
     print(
         f"\nfuzz: {results.count} inputs in {elapsed:.1f} s "
         f"({results.count / elapsed:.0f}/s, {CONCURRENCY} connections, seed {SEED:#x})"
@@ -1635,8 +1720,8 @@ def test_hostile_inputs_leave_a_running_agent_healthy(tmp_path: Path) -> None:
     for kind, statuses in sorted(results.by_kind.items()):
         print(f"fuzz:   {kind:<12} {dict(sorted(statuses.items()))}")
     print(
-        f"fuzz: RSS baseline {baseline:.1f} MB, peak-after {peak:.1f} MB, "
-        f"final {final:.1f} MB (margin {RSS_MARGIN_MB} MB); {lines} log lines"
+        f"fuzz: RSS baseline {baseline:.1f} MB, right after {right_after:.1f} MB, "
+        f"settled {final:.1f} MB (margin {RSS_MARGIN_MB} MB); {len(entries)} log lines"
     )
 
     assert results.count >= MIN_INPUTS
@@ -1644,6 +1729,7 @@ def test_hostile_inputs_leave_a_running_agent_healthy(tmp_path: Path) -> None:
     assert logged == [], "\n".join(logged[:20])
     # uvicorn ends a graceful SIGTERM shutdown by raising the signal again: -15 is clean
     assert exit_code in (0, -signal.SIGTERM), f"the agent did not stop cleanly: {exit_code}"
+    assert any(entry.get("event") == "Application shutdown complete." for entry in entries)
     assert final <= baseline + RSS_MARGIN_MB, (
         f"RSS grew from {baseline:.1f} MB to {final:.1f} MB after {results.count} inputs"
     )
