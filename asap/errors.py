@@ -274,6 +274,8 @@ class HandlerNotFoundError(ASAPError):
 
     def __init__(self, payload_type: str, *, streaming: bool = False) -> None:
         kind = "streaming handler" if streaming else "handler"
+        if len(payload_type) > 128:  # a caller's text: not echoed (and logged) at any length
+            payload_type = payload_type[:128] + "…"
         super().__init__(
             f"No handler registered for payload type: {payload_type}",
             {"payload_type": payload_type},

@@ -404,6 +404,9 @@ class SQLiteTaskStore(TaskStore):
         def insert_all(conn: sqlite3.Connection) -> None:
             with immediate(conn):
                 conn.execute(INSERT_MANY, (text,))
+            # the cached statement keeps its last parameter: bind a small one, so a batch
+            # of large tasks does not stay in memory until the next batch
+            conn.execute(INSERT_MANY, ("[]",))
 
         await self._db.run_in_thread(insert_all)
 

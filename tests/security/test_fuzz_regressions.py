@@ -114,3 +114,11 @@ def test_bytes_after_a_large_gzip_member_end_the_decoding() -> None:
         with pytest.raises(HTTPError) as raised:  # a bomb in the second member
             codec.decompress(gzip.compress(b"{}") + gzip.compress(bytes(limit)), "gzip", limit)
         assert raised.value.status_code == 413
+
+
+def test_an_unknown_payload_type_is_not_echoed_at_any_length() -> None:
+    from asap.errors import HandlerNotFoundError
+
+    error = HandlerNotFoundError("x" * 1_000_000)
+    assert len(error.message) < 300 and error.details["payload_type"].endswith("…")
+    assert HandlerNotFoundError("Task.Nope").details == {"payload_type": "Task.Nope"}
