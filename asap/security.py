@@ -23,7 +23,7 @@ from asap.errors import ConfigurationError, InvalidParamsError, InvalidRequestEr
 from asap.models.envelope import validate_agent_urn
 from asap.observability.logging import protect
 
-__all__ = ["Authenticator", "MIN_TOKEN_LENGTH", "parse_tokens"]
+__all__ = ["Authenticator", "MIN_TOKEN_LENGTH", "parse_tokens", "sender_mismatch"]
 
 MIN_TOKEN_LENGTH = 16
 _TOKEN = re.compile(r"^[A-Za-z0-9._~+/=-]+$")
