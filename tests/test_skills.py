@@ -17,6 +17,9 @@ from tests.conftest import echo_settings, serve_in_process
 
 pytestmark = pytest.mark.anyio
 
+TEST_SKILLS = ["bad-return", "echo", "fail", "greet", "note", "progress", "sleep", "whoami"]
+"""What the test agent serves (skills.echo and tests.agent_skills), sorted."""
+
 
 def frame(skill_id: str, data: dict[str, Any], **payload: Any) -> dict[str, Any]:
     envelope = {
@@ -117,16 +120,7 @@ async def test_manifest_publishes_schemas_of_annotated_models(agent: httpx.Async
             "skills"
         ]
     }
-    assert sorted(skills) == [
-        "bad-return",
-        "echo",
-        "fail",
-        "greet",
-        "note",
-        "progress",
-        "sleep",
-        "whoami",
-    ]
+    assert sorted(skills) == TEST_SKILLS
     greet = skills["greet"]
     assert greet["description"] == "Greet someone, validated by pydantic models"
     assert greet["input_schema"]["properties"]["name"]["minLength"] == 1
@@ -158,16 +152,7 @@ async def test_unknown_skill_lists_available_skills(agent: httpx.AsyncClient) ->
     assert error["message"] == "Unknown skill: nope"
     assert error["data"]["details"] == {
         "skill_id": "nope",
-        "available_skills": [
-            "bad-return",
-            "echo",
-            "fail",
-            "greet",
-            "note",
-            "progress",
-            "sleep",
-            "whoami",
-        ],
+        "available_skills": TEST_SKILLS,
     }
     assert error["data"]["recoverable"] is False
 

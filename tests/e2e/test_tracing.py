@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 
 from asap.models.ids import generate_id
+from asap.process import AgentProcess
 from tests.security.common import start_uvicorn
 
 
@@ -51,9 +52,13 @@ def traces(log: Path, event: str) -> set[str]:
     return found
 
 
-def test_one_orchestration_is_one_trace_in_three_processes(tmp_path: Path) -> None:
+def start_fleet(
+    tmp_path: Path, env: dict[str, str] | None = None
+) -> tuple[AgentProcess, dict[str, AgentProcess]]:
+    """Two workers and an orchestrator that knows them, ready (the orchestrator last)."""
+    env = env or {}
     workers = {
-        name: start_uvicorn(tmp_path, name, {"ASAP_AGENT_ID": f"urn:asap:agent:{name}"})
+        name: start_uvicorn(tmp_path, name, {"ASAP_AGENT_ID": f"urn:asap:agent:{name}", **env})
         for name in ("worker-a", "worker-b")
     }
     for worker in workers.values():
@@ -65,8 +70,14 @@ def test_one_orchestration_is_one_trace_in_three_processes(tmp_path: Path) -> No
             "ASAP_AGENT_ID": "urn:asap:agent:orchestrator",
             "ASAP_SKILLS": "skills.orchestrator",
             "ASAP_PEERS": ",".join(f"{n}={w.url}" for n, w in workers.items()),
+            **env,
         },
     )
+    return orchestrator, workers
+
+
+def test_one_orchestration_is_one_trace_in_three_processes(tmp_path: Path) -> None:
+    orchestrator, workers = start_fleet(tmp_path)
     try:
         orchestrator.wait_ready()
         # 1. the caller names no trace: the orchestrator starts one and passes it on
@@ -107,22 +118,7 @@ def test_opentelemetry_spans_form_one_tree_across_agents(tmp_path: Path) -> None
     """With the otel extra and OTEL_TRACES_EXPORTER set, the orchestrator's task span is the
     parent of each worker's task span, all in the caller's trace."""
     otel = {"OTEL_TRACES_EXPORTER": "console", "OTEL_SERVICE_NAME": "asap-test"}
-    workers = {
-        name: start_uvicorn(tmp_path, name, {"ASAP_AGENT_ID": f"urn:asap:agent:{name}", **otel})
-        for name in ("worker-a", "worker-b")
-    }
-    for worker in workers.values():
-        worker.wait_ready()
-    orchestrator = start_uvicorn(
-        tmp_path,
-        "orchestrator",
-        {
-            "ASAP_AGENT_ID": "urn:asap:agent:orchestrator",
-            "ASAP_SKILLS": "skills.orchestrator",
-            "ASAP_PEERS": ",".join(f"{n}={w.url}" for n, w in workers.items()),
-            **otel,
-        },
-    )
+    orchestrator, workers = start_fleet(tmp_path, otel)
     w3c, caller_span = secrets.token_hex(16), secrets.token_hex(8)
     try:
         orchestrator.wait_ready()
