@@ -6,12 +6,14 @@ import os
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 from starlette.applications import Starlette
 
+from asap.models.ids import generate_id
 from asap.process import AgentProcess, free_port
 from asap.settings import Settings
 from asap.transport.app import create_app
@@ -34,6 +36,33 @@ def echo_settings(**overrides: object) -> Settings:
         storage_url="memory://",
     )
     return base.with_overrides(**overrides)
+
+
+def asap_send(
+    payload_type: str,
+    payload: dict[str, Any],
+    *,
+    sender: str = "urn:asap:agent:tester",
+    recipient: str = "urn:asap:agent:target",
+    extensions: dict[str, Any] | None = None,
+    request_id: Any = None,
+) -> dict[str, Any]:
+    """One ``asap.send`` JSON-RPC request: the envelope as a caller writes it on the wire."""
+    envelope: dict[str, Any] = {
+        "asap_version": "0.1",
+        "sender": sender,
+        "recipient": recipient,
+        "payload_type": payload_type,
+        "payload": payload,
+    }
+    if extensions is not None:
+        envelope["extensions"] = extensions
+    return {
+        "jsonrpc": "2.0",
+        "method": "asap.send",
+        "params": {"envelope": envelope},
+        "id": request_id or generate_id(),
+    }
 
 
 @asynccontextmanager

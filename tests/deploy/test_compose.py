@@ -37,7 +37,7 @@ import yaml
 
 from asap.models.ids import generate_id
 from asap.process import AgentProcess, free_port
-from tests.conftest import ROOT
+from tests.conftest import ROOT, asap_send
 
 pytestmark = pytest.mark.e2e
 
@@ -500,20 +500,7 @@ def task_records(namespace: str, agent_prefix: str) -> dict[str, dict[str, Any]]
 
 def rpc(url: str, payload_type: str, payload: dict[str, Any]) -> dict[str, Any]:
     """One envelope to ``url``; the whole JSON-RPC reply."""
-    body = {
-        "jsonrpc": "2.0",
-        "method": "asap.send",
-        "params": {
-            "envelope": {
-                "asap_version": "0.1",
-                "sender": "urn:asap:agent:tester",
-                "recipient": "urn:asap:agent:worker",
-                "payload_type": payload_type,
-                "payload": payload,
-            }
-        },
-        "id": generate_id(),
-    }
+    body = asap_send(payload_type, payload, recipient="urn:asap:agent:worker")
     reply = httpx.post(url + "/asap", json=body, timeout=60)
     assert reply.status_code == 200, reply.text
     return reply.json()  # type: ignore[no-any-return]

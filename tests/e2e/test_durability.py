@@ -15,25 +15,13 @@ import pytest
 
 from asap.models.ids import generate_id
 from asap.process import AgentProcess, free_port
+from tests.conftest import asap_send
 
 pytestmark = pytest.mark.e2e
 
 
 def rpc(url: str, payload_type: str, payload: dict[str, Any], **headers: str) -> dict[str, Any]:
-    body = {
-        "jsonrpc": "2.0",
-        "method": "asap.send",
-        "params": {
-            "envelope": {
-                "asap_version": "0.1",
-                "sender": "urn:asap:agent:tester",
-                "recipient": "urn:asap:agent:orchestrator",
-                "payload_type": payload_type,
-                "payload": payload,
-            }
-        },
-        "id": generate_id(),
-    }
+    body = asap_send(payload_type, payload, recipient="urn:asap:agent:orchestrator")
     reply = httpx.post(url + "/asap", json=body, headers=headers, timeout=30).json()
     assert "result" in reply, reply
     return reply["result"]["envelope"]["payload"]  # type: ignore[no-any-return]

@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from asap.process import AgentProcess, free_port
+from tests.conftest import asap_send
 from tests.security.common import frame, start_uvicorn
 
 
@@ -22,10 +23,7 @@ def task_frame(skill: str, data: dict[str, Any]) -> dict[str, Any]:
 
 
 def query_frame(task_id: str) -> dict[str, Any]:
-    body = task_frame("", {})
-    envelope = body["params"]["envelope"]
-    envelope["payload_type"], envelope["payload"] = "state.query", {"task_id": task_id}
-    return body
+    return asap_send("state.query", {"task_id": task_id})
 
 
 def payload(reply: dict[str, Any]) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import pytest
 
 from asap.models.ids import generate_id
 from asap.process import AgentProcess, free_port
+from tests.conftest import asap_send
 
 ALICE, BOB = "urn:asap:agent:alice", "urn:asap:agent:bob"
 ALICE_TOKEN = "alice-token-0123456789abcdef"
@@ -27,21 +28,13 @@ def frame(
     request_id: Any = None,
 ) -> dict[str, Any]:
     """One ``asap.send`` JSON-RPC request carrying a ``task.request``."""
-    envelope: dict[str, Any] = {
-        "asap_version": "0.1",
-        "sender": sender,
-        "recipient": "urn:asap:agent:target",
-        "payload_type": "task.request",
-        "payload": {"conversation_id": "c", "skill_id": skill, "input": data or {"n": 1}},
-    }
-    if nonce is not None:
-        envelope["extensions"] = {"nonce": nonce}
-    return {
-        "jsonrpc": "2.0",
-        "method": "asap.send",
-        "params": {"envelope": envelope},
-        "id": request_id or generate_id(),
-    }
+    return asap_send(
+        "task.request",
+        {"conversation_id": "c", "skill_id": skill, "input": data or {"n": 1}},
+        sender=sender,
+        extensions=None if nonce is None else {"nonce": nonce},
+        request_id=request_id,
+    )
 
 
 def bearer(token: str) -> dict[str, str]:
