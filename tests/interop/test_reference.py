@@ -134,13 +134,8 @@ def test_reference_client_authenticates_with_our_server(tmp_path: Path) -> None:
     (``urn:asap:agent:ref-client``) must be the token's, and a wrong token is refused in the
     reference's own error shape."""
     require_reference()
-    from asap.process import free_port
-
     token = "reference-token-0123456789abcdef"
-    port = free_port()
-    agent = AgentProcess(
-        ["-m", "uvicorn", "asap.server:app", "--port", str(port)],
-        port,
+    agent = AgentProcess.uvicorn(
         env={
             "ASAP_SKILLS": "skills.echo",
             "ASAP_AUTH_TOKENS": f"urn:asap:agent:ref-client={token}",

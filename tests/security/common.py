@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from asap.models.ids import generate_id
-from asap.process import AgentProcess, free_port
+from asap.process import AgentProcess
 from tests.conftest import asap_send
 
 ALICE, BOB = "urn:asap:agent:alice", "urn:asap:agent:bob"
@@ -67,11 +67,10 @@ def redis_url() -> str:
 def start_uvicorn(
     tmp_path: Path, name: str, env: dict[str, str], app: str = "asap.server:app"
 ) -> AgentProcess:
-    """``uvicorn <app>`` on a free loopback port, not yet ready (call ``wait_ready``)."""
-    port = free_port()
-    return AgentProcess(
-        ["-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port)],
-        port,
+    """``uvicorn <app>`` on a free loopback port with JSON logs, not yet ready (call
+    ``wait_ready``)."""
+    return AgentProcess.uvicorn(
+        app,
         env={"ASAP_LOG_FORMAT": "json", "ASAP_LOG_LEVEL": "INFO", **env},
         log_path=tmp_path / f"{name}.log",
     ).start(wait=False)
