@@ -204,9 +204,7 @@ def test_ready_fails_while_the_storage_is_unreachable(tmp_path: Path) -> None:
         proxy = Proxy(("127.0.0.1", 6379))
         server = asyncio.create_task(proxy.serve())
         proxied = url.replace("127.0.0.1:6379", f"127.0.0.1:{proxy.port}")
-        agent = AgentProcess(
-            ["-m", "uvicorn", "asap.server:app", "--port", str(port := free_port())],
-            port,
+        agent = AgentProcess.uvicorn(
             env={"ASAP_STORAGE_URL": proxied + "&socket_timeout=1"},
             log_path=tmp_path / "agent.log",
         ).start(wait=False)
