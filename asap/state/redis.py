@@ -1,6 +1,7 @@
 """Redis backend (``redis://host:port/db``, ``rediss://``): state shared by every worker and host.
 
-Needs the optional ``redis`` package (``pip install 'asap[redis]'``). Every key starts with
+Talks to Redis through :mod:`asap.state.resp`, a small client of our own (one connection per
+process, concurrent commands pipelined on it; no extra package). Every key starts with
 ``key_prefix`` (``asap:``). Layout, ``{...}`` being a cluster hash tag:
 
 - ``snapshots:{task}``: hash version -> snapshot JSON; ``versions:{task}``: sorted set of the
@@ -15,7 +16,7 @@ Needs the optional ``redis`` package (``pip install 'asap[redis]'``). Every key 
   extends it, so it expires ``takeover`` seconds after a runner dies and the next caller claims
   the key; the outcome replaces it for ``ttl`` seconds.
 
-Every ``redis.exceptions.RedisError`` surfaces as :class:`~asap.state.store.StorageError`.
+Every :class:`asap.state.resp.RedisError` surfaces as :class:`~asap.state.store.StorageError`.
 """
 
 from __future__ import annotations
@@ -23,18 +24,17 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar, cast
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 import orjson
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from asap.errors import ConfigurationError
 from asap.models.base import utc_now
 from asap.models.entities import StateSnapshot
 from asap.models.enums import TaskStatus
 from asap.models.ids import generate_id
+from asap.state.resp import Arg, Client, RedisError, Script
 from asap.state.store import (
     GuardStore,
     SnapshotConflictError,
@@ -152,6 +152,14 @@ async def call(awaitable: Awaitable[T]) -> T:
         raise StorageError(f"Redis: {exc}") from exc
 
 
+def checked(results: list[Any]) -> list[Any]:
+    """A pipeline's results, or :class:`StorageError` for the first error among them."""
+    for result in results:
+        if isinstance(result, RedisError):
+            raise StorageError(f"Redis: {result}") from result
+    return results
+
+
 def milliseconds(seconds: float) -> int:
     return max(1, int(seconds * 1000))
 
@@ -182,41 +190,43 @@ SCRIPTS = {
 }
 
 
+LOADED = {name: Script(text) for name, text in SCRIPTS.items()}
+
+
 class Connection:
     """The client and scripts the three stores share, closed once."""
 
-    def __init__(self, client: aioredis.Redis, prefix: str) -> None:
+    def __init__(self, client: Client, prefix: str) -> None:
         self._client = client
         self.prefix = prefix
         self._closed = False
-        self._scripts = {name: client.register_script(text) for name, text in SCRIPTS.items()}
 
     def __repr__(self) -> str:
         return f"Connection(prefix={self.prefix!r}, closed={self._closed})"
 
-    @property
-    def client(self) -> aioredis.Redis:
-        """The client (redis-py would silently reconnect after close: refuse instead)."""
+    def _live(self) -> Client:
         if self._closed:
             raise StorageError("Redis storage is closed")
         return self._client
 
-    async def script(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        """Run a Lua script (EVALSHA, loading it on first use)."""
-        if self._closed:
-            raise StorageError("Redis storage is closed")
-        return await call(self._scripts[name](keys=keys, args=args))
+    async def execute(self, *args: Arg) -> Any:
+        """One command's reply."""
+        return await call(self._live().execute(*args))
 
-    async def scripts(self, name: str, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+    async def pipeline(self, commands: list[list[Arg]]) -> list[Any]:
+        """Several commands in one round trip; the first error reply raises."""
+        return checked(await call(self._live().pipeline(commands)))
+
+    async def script(self, name: str, keys: list[str], args: Sequence[Arg]) -> Any:
+        """Run a Lua script (EVALSHA, its text on NOSCRIPT)."""
+        return await call(self._live().run(LOADED[name], keys, args))
+
+    async def scripts(self, name: str, calls: list[tuple[list[str], list[Arg]]]) -> list[Any]:
         """Run a Lua script once per (keys, args), all in one pipeline: one round trip."""
-        script = self._scripts[name]
-        async with self.client.pipeline(transaction=False) as pipe:
-            for keys, args in calls:
-                await script(keys=keys, args=args, client=pipe)
-            return cast(list[Any], await call(pipe.execute()))
+        return checked(await call(self._live().run_many(LOADED[name], calls)))
 
     async def aclose(self) -> None:
-        """Close the connection pool; later calls are no-ops."""
+        """Close the connection; later calls raise :class:`StorageError`."""
         if not self._closed:
             self._closed = True
             await call(self._client.aclose())
@@ -268,26 +278,26 @@ class RedisSnapshotStore(SnapshotStore):
         if version is None:
             found = await self._conn.script("latest", keys, [])
             return self._load(task_id, found[0], found[1]) if found else None
-        body = await call(self._conn.client.hget(keys[0], str(version)))
+        body = await self._conn.execute("HGET", keys[0], str(version))
         return self._load(task_id, version, body) if body is not None else None
 
     async def get_by_id(self, task_id: str, snapshot_id: str) -> StateSnapshot | None:
-        bodies = await call(self._conn.client.hgetall(self._keys(task_id)[0]))
-        for version, body in bodies.items():
+        flat = await self._conn.execute("HGETALL", self._keys(task_id)[0])
+        for version, body in zip(flat[::2], flat[1::2], strict=True):
             if orjson.loads(body)["id"] == snapshot_id:
                 return self._load(task_id, version, body)
         return None
 
     async def list_versions(self, task_id: str) -> list[int]:
-        versions = await call(self._conn.client.zrange(self._keys(task_id)[1], 0, -1))
-        return [int(cast(str, version)) for version in versions]
+        versions = await self._conn.execute("ZRANGE", self._keys(task_id)[1], 0, -1)
+        return [int(version) for version in versions]
 
     async def delete(self, task_id: str, version: int | None = None) -> bool:
         arg = "" if version is None else str(version)
         return bool(await self._conn.script("delete", self._keys(task_id), [arg]))
 
     async def aclose(self) -> None:
-        """Close the shared connection pool (once for the three stores)."""
+        """Close the shared connection (once for the three stores)."""
         await self._conn.aclose()
 
 
@@ -308,7 +318,7 @@ class RedisTaskStore(TaskStore):
     def _key(self, task_id: str) -> str:
         return f"{self._conn.prefix}task:{task_id}"
 
-    def _args(self, record: TaskRecord) -> list[Any]:
+    def _args(self, record: TaskRecord) -> list[Arg]:
         lease = "" if record.lease_until is None else repr(record.lease_until)
         active = record.status in ACTIVE and record.lease_until is not None
         return [
@@ -333,7 +343,7 @@ class RedisTaskStore(TaskStore):
             await self._conn.scripts("create", calls)
 
     async def get(self, task_id: str) -> TaskRecord | None:
-        text = await call(self._conn.client.hget(self._key(task_id), "record"))
+        text = await self._conn.execute("HGET", self._key(task_id), "record")
         return load_task(text) if text is not None else None
 
     async def _change(
@@ -342,7 +352,7 @@ class RedisTaskStore(TaskStore):
         """Read, ``change`` and write back unless another writer came first (then again)."""
         keys = [self._key(task_id), self._leases]
         while True:
-            text, rev = await call(self._conn.client.hmget(keys[0], ["record", "rev"]))
+            text, rev = await self._conn.execute("HMGET", keys[0], "record", "rev")
             if text is None:
                 return None
             updated = change(load_task(text))
@@ -357,13 +367,10 @@ class RedisTaskStore(TaskStore):
         return await self._change(task_id, lambda record: apply_changes(record, expect, changes))
 
     async def expired(self, now: float) -> list[TaskRecord]:
-        ids = await call(self._conn.client.zrangebyscore(self._leases, "-inf", f"({now!r}"))
+        ids = await self._conn.execute("ZRANGEBYSCORE", self._leases, "-inf", f"({now!r}")
         if not ids:
             return []
-        async with self._conn.client.pipeline(transaction=False) as pipe:
-            for task_id in ids:
-                pipe.hget(self._key(cast(str, task_id)), "record")
-            texts = await call(pipe.execute())
+        texts = await self._conn.pipeline([["HGET", self._key(i), "record"] for i in ids])
         records = [load_task(text) for text in texts if text is not None]
         return [record for record in records if can_claim(record, now)]
 
@@ -389,14 +396,13 @@ class RedisTaskStore(TaskStore):
     async def cancel_requested(self, task_ids: list[str]) -> list[str]:
         if not task_ids:
             return []
-        async with self._conn.client.pipeline(transaction=False) as pipe:
-            for task_id in task_ids:
-                pipe.hget(self._key(task_id), "cancel_requested")
-            flags = await call(pipe.execute())
+        flags = await self._conn.pipeline(
+            [["HGET", self._key(task_id), "cancel_requested"] for task_id in task_ids]
+        )
         return [task_id for task_id, flag in zip(task_ids, flags, strict=True) if flag == "1"]
 
     async def aclose(self) -> None:
-        """Close the shared connection pool (once for the three stores)."""
+        """Close the shared connection (once for the three stores)."""
         await self._conn.aclose()
 
 
@@ -432,7 +438,7 @@ class RedisIdempotencyStore(SharedIdempotencyStore):
         delay, look = POLL_FIRST, False
         while True:
             if look:
-                found = await call(self._conn.client.get(name))
+                found = await self._conn.execute("GET", name)
             else:
                 claimed, *rest = await self._conn.script(
                     "claim", [name], [pending, milliseconds(self.takeover)]
@@ -484,7 +490,7 @@ class RedisIdempotencyStore(SharedIdempotencyStore):
         return record
 
     async def aclose(self) -> None:
-        """Close the shared connection pool (once for the three stores)."""
+        """Close the shared connection (once for the three stores)."""
         await self._conn.aclose()
 
 
@@ -497,7 +503,8 @@ class RedisGuardStore(GuardStore):
 
     async def use_nonce(self, key: str, ttl: float) -> bool:
         name = f"{self._conn.prefix}nonce:{key}"
-        return bool(await call(self._conn.client.set(name, "1", nx=True, px=milliseconds(ttl))))
+        reply = await self._conn.execute("SET", name, "1", "NX", "PX", milliseconds(ttl))
+        return reply is not None  # "OK", or nil when the nonce was used
 
     async def charge(
         self, key: str, limits: list[RateLimit], cost: int = 1
@@ -532,13 +539,14 @@ async def redis_storage(url: str, **options: Any) -> Storage:
     prefix = str(options.get("key_prefix", "asap:"))
     ttl = float(options.get("idempotency_ttl", 3600.0))
     takeover = float(options.get("idempotency_takeover", 60.0))
-    client = aioredis.Redis.from_url(
-        url, decode_responses=True, socket_connect_timeout=5.0, socket_timeout=10.0
-    )
+    try:
+        client = Client(url)
+    except ValueError as exc:
+        raise ConfigurationError(f"Redis storage URL: {exc}") from exc
     conn = Connection(client, prefix)
     try:
         idempotency = RedisIdempotencyStore(conn, ttl, takeover)
-        await call(client.ping())
+        await conn.execute("PING")
     except BaseException:
         await conn.aclose()
         raise
