@@ -1,7 +1,7 @@
 """Task state: the lifecycle state machine (spec 2.3) and durable stores chosen by URL.
 
-:func:`open_storage` maps a URL scheme to a backend, imported only when chosen, so Redis is
-needed only by deployments that use it.
+:func:`open_storage` maps a URL scheme to a backend, imported only when chosen. Every backend
+ships with the package: Redis is spoken by :mod:`asap.state.resp`, no client library needed.
 """
 
 from __future__ import annotations
@@ -49,8 +49,7 @@ async def open_storage(url: str, **options: Any) -> Storage:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        hint = " (pip install 'asap[redis]')" if scheme.startswith("redis") else ""
-        raise ConfigurationError(f"storage backend {scheme!r} unavailable: {exc}{hint}") from exc
+        raise ConfigurationError(f"storage backend {scheme!r} unavailable: {exc}") from exc
     storage = getattr(module, factory_name)(url, **options)
     if hasattr(storage, "__await__"):
         storage = await storage
