@@ -349,3 +349,31 @@ async def test_rediss_through_tls(redis_up: None, certificate: tuple[Path, Path]
 async def test_errors_are_redis_errors(redis_up: None) -> None:
     assert issubclass(ReplyError, RedisError) and issubclass(RedisTimeoutError, RedisError)
     assert issubclass(ConnectionLostError, RedisError)
+
+
+async def test_the_redis_storage_turns_client_errors_into_storage_errors_and_recovers(
+    prefix: str,
+) -> None:
+    from asap.state import open_storage
+    from asap.state.store import StorageError
+
+    storage = await open_storage(f"{REDIS_URL}?socket_timeout=0.3", key_prefix=prefix)
+    try:
+        conn = storage.guard._conn  # type: ignore[attr-defined]  # the client the stores share
+        assert await storage.guard.use_nonce("n1", 60)
+        first = await conn.execute("CLIENT", "ID")
+        blocked = asyncio.ensure_future(conn.execute("BLPOP", f"{prefix}never", 5))
+        await asyncio.sleep(0.05)
+        await kill(first)
+        with pytest.raises(StorageError, match="lost"):
+            await blocked
+        assert not await storage.guard.use_nonce("n1", 60)  # a new connection, the same data
+        with pytest.raises(StorageError, match="no reply in 0.3 s"):
+            await conn.execute("BLPOP", f"{prefix}never", 3)
+        assert await storage.guard.use_nonce("n2", 60)
+        with pytest.raises(StorageError, match="WRONGTYPE"):
+            await conn.execute("LPUSH", f"{prefix}nonce:n2", "x")
+    finally:
+        await storage.aclose()
+    with pytest.raises(StorageError, match="closed"):
+        await storage.guard.use_nonce("n3", 60)
