@@ -1059,3 +1059,23 @@ def test_remote_rpc_error_keeps_remote_code_and_hints() -> None:
     assert hinted.recoverable is True
     assert hinted.retry_after_ms == 5000
     assert hinted.details == {"age_seconds": 400}
+
+
+def test_ids_differ_in_a_forked_child() -> None:
+    """Random bits are read ahead in blocks: a forked worker must not repeat its parent's."""
+    import os
+
+    from asap.models.ids import generate_id, generate_trace_id
+
+    generate_id()  # the parent has a block read ahead
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        os.write(write, (generate_id() + generate_trace_id()).encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child = os.read(read, 100).decode()
+    parent = generate_id() + generate_trace_id()
+    os.close(read)
+    os.close(write)
+    assert child[10:26] != parent[10:26] and child[26:] != parent[26:]
