@@ -1077,3 +1077,85 @@ async def test_parse_error_is_32700_with_null_id(echo_http: httpx.AsyncClient) -
     assert body["error"]["code"] == -32700
     assert body["error"]["message"] == "Parse error"
     assert body["id"] is None
+
+
+async def test_asap_version_header_is_sent_once(echo_http: httpx.AsyncClient) -> None:
+    """spec 3.9: POST /asap (served without Starlette's layers) and the other routes carry
+    exactly one asap-version header."""
+    for method, path in [("POST", "/asap"), ("GET", "/asap"), ("POST", "/asap/stream")]:
+        response = await echo_http.request(method, path, content=dumps(echo_frame("v")))
+        assert response.headers.get_list("asap-version") == ["2.2"], (method, path)
+    posted = await echo_http.post("/asap", content=dumps(echo_frame("v")))
+    assert posted.headers["content-type"] == "application/json"
+    assert int(posted.headers["content-length"]) == len(posted.content)
+
+
+async def test_user_middleware_sees_post_asap() -> None:
+    """Middleware a user adds to the app wraps POST /asap too (not only the other routes)."""
+    seen: list[str] = []
+
+    class Recorder:
+        def __init__(self, app: Any) -> None:
+            self.app = app
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] == "http":
+                seen.append(f"{scope['method']} {scope['path']}")
+            await self.app(scope, receive, send)
+
+    app = create_app(echo_settings())
+    app.add_middleware(Recorder)
+    async with serve_in_process(app) as client:
+        response = await client.post("/asap", content=dumps(echo_frame("mw")))
+        assert_echoed(response.json(), "mw")
+        assert response.headers.get_list("asap-version") == ["2.2"]
+        await client.get("/health")
+    assert seen == ["POST /asap", "GET /health"]
+
+
+async def test_post_asap_under_a_root_path() -> None:
+    """Mounted under a prefix (root_path), POST <prefix>/asap is served the same way."""
+    app = create_app(echo_settings())
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app, root_path="/agent")
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            response = await client.post("/agent/asap", content=dumps(echo_frame("rp")))
+    assert_echoed(response.json(), "rp")
+
+
+async def test_client_gone_before_the_whole_body_gets_400() -> None:
+    """A caller that disconnects mid-body gets a 400, not a 500 with a traceback."""
+    app = create_app(echo_settings())
+    body = dumps(echo_frame("cut"))
+    messages = [
+        {"type": "http.request", "body": body[:10], "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/asap",
+        "raw_path": b"/asap",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"content-length", str(len(body)).encode())],
+        "client": ("127.0.0.1", 5000),
+        "server": ("127.0.0.1", 8000),
+    }
+    async with LifespanManager(app) as manager:
+        await manager.app(scope, receive, send)
+    assert sent[0]["status"] == 400
+    assert json.loads(sent[1]["body"]) == {
+        "detail": "Client disconnected before sending the whole body"
+    }

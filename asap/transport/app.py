@@ -14,14 +14,14 @@ import json
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from types import FrameType
-from typing import Any
+from typing import Any, cast
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -53,7 +53,7 @@ __all__ = ["SUPPORTED_TRANSPORT_VERSIONS", "DEFAULT_TRANSPORT_VERSION", "create_
 
 SUPPORTED_TRANSPORT_VERSIONS = ("2.1", "2.2")
 DEFAULT_TRANSPORT_VERSION = "2.2"
-_NEGOTIATED_PATHS = frozenset({"/asap", "/asap/stream"})
+_NEGOTIATED_PATHS = frozenset({"/asap/stream"})
 _log = get_logger("asap.server")
 
 
@@ -80,7 +80,7 @@ class VersionMiddleware:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or _is_asap_post(scope):  # that endpoint negotiates itself
             await self.app(scope, receive, send)
             return
         version = DEFAULT_TRANSPORT_VERSION
@@ -92,14 +92,8 @@ class VersionMiddleware:
                     break
             negotiated = negotiate_version(requested)
             if negotiated is None:
-                _log.info("asap.version.incompatible", requested=requested)
-                reply = error_reply(
-                    VersionIncompatibleError(
-                        {"requested": requested, "supported": list(SUPPORTED_TRANSPORT_VERSIONS)}
-                    ),
-                    None,
-                )
-                response = _json(reply, headers={"asap-version": DEFAULT_TRANSPORT_VERSION})
+                response = _incompatible(requested)
+                response.headers["asap-version"] = DEFAULT_TRANSPORT_VERSION
                 await response(scope, receive, send)
                 return
             version = negotiated
@@ -111,6 +105,84 @@ class VersionMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_version)
+
+
+_ASAP_HEADERS = frozenset(
+    {
+        b"asap-version",
+        b"authorization",
+        b"content-encoding",
+        b"content-length",
+        b"prefer",
+        b"traceparent",
+        b"x-idempotency-key",
+    }
+)
+"""The request headers ``POST /asap`` reads."""
+
+
+class _Raw:
+    """A plain ASGI function as a Starlette route's app (not wrapped in a request/response)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
+
+
+def _is_asap_post(scope: Scope) -> bool:
+    if scope["method"] != "POST":
+        return False
+    path, root = scope["path"], scope.get("root_path", "")
+    return path == "/asap" or bool(root and path == root + "/asap")
+
+
+class AgentApp(Starlette):
+    """The agent's Starlette app, with ``POST /asap`` (nearly every request an agent serves)
+    handed straight to ``asap_endpoint``: Starlette's routing, request object and middleware
+    layers cost more than the rest of an echo request. Once a user adds middleware of their
+    own, every request goes through it, and so through Starlette."""
+
+    def __init__(self, asap_endpoint: ASGIApp, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.asap_endpoint = asap_endpoint
+        self._direct: bool | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._direct is None:  # middleware can be added only before the first request
+            self._direct = all(cast(Any, m.cls) is VersionMiddleware for m in self.user_middleware)
+        if self._direct and scope["type"] == "http" and _is_asap_post(scope):
+            await self.asap_endpoint(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
+
+def _incompatible(requested: str | None) -> Response:
+    """The reply to an ``ASAP-Version`` header offering nothing we support (spec 3.9)."""
+    _log.info("asap.version.incompatible", requested=requested)
+    reply = error_reply(
+        VersionIncompatibleError(
+            {"requested": requested, "supported": list(SUPPORTED_TRANSPORT_VERSIONS)}
+        ),
+        None,
+    )
+    return _json(reply)
+
+
+async def _send(send: Send, reply: Response | bytes, version: str) -> None:
+    """Send a JSON reply (bytes: HTTP 200) with the negotiated ``asap-version``."""
+    if isinstance(reply, bytes):
+        status, body = 200, reply
+        headers = [(b"content-length", str(len(body)).encode()), _JSON_TYPE]
+    else:
+        status, body, headers = reply.status_code, bytes(reply.body), reply.raw_headers
+    headers.append((b"asap-version", version.encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+_JSON_TYPE = (b"content-type", b"application/json")
 
 
 def _json(data: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -301,30 +373,28 @@ def create_app(
             await storage.aclose()
             metrics.close()
 
-    async def read_body(request: Request) -> bytes:
+    async def read_body(receive: Receive, declared: str | None) -> bytes:
         limit = settings.max_request_size
-        declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise HTTPError(
                 413, f"Request size ({int(declared)} bytes) exceeds maximum ({limit} bytes)"
             )
         chunks: list[bytes] = []
         size = 0
-        try:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise HTTPError(
-                        413, f"Request size ({size} bytes) exceeds maximum ({limit} bytes)"
-                    )
-                chunks.append(chunk)
-        except ClientDisconnect:  # nobody is left to answer; nothing was started
-            _log.info("asap.request.client_disconnected", received_bytes=size)
-            raise HTTPError(400, "Client disconnected before sending the whole body") from None
-        return b"".join(chunks)
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # nobody is left to answer; nothing started
+                _log.info("asap.request.client_disconnected", received_bytes=size)
+                raise HTTPError(400, "Client disconnected before sending the whole body")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise HTTPError(413, f"Request size ({size} bytes) exceeds maximum ({limit} bytes)")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-    def meta_of(request: Request) -> RequestMeta:
-        headers = request.headers
+    def meta_of(headers: Mapping[str, str]) -> RequestMeta:
         identity = auth_error = None
         if auth is not None:
             try:
@@ -339,12 +409,12 @@ def create_app(
             auth_error=auth_error,
         )
 
-    async def rate_limited(request: Request, meta: RequestMeta, cost: int) -> Response | None:
+    async def rate_limited(client: str, meta: RequestMeta, cost: int) -> Response | None:
         """Charge the sender (spec 3.10): the authenticated agent, else the client address."""
         limits = sender_limits.get(meta.identity or "", default_limits)
         if not limits:
             return None
-        sender = meta.identity or (request.client.host if request.client else "unknown")
+        sender = meta.identity or client
         assert dispatcher.tasks.storage is not None
         refused = await dispatcher.tasks.storage.guard.charge(sender, limits, cost)
         if refused is None:
@@ -364,32 +434,39 @@ def create_app(
         }
         return _json(body, 429, {"retry-after": str(retry_after)})
 
-    async def decoded_body(request: Request, meta: RequestMeta) -> Any:
+    async def decoded_body(
+        scope: Scope, receive: Receive, headers: Mapping[str, str], meta: RequestMeta
+    ) -> Any:
         """Size limit, decompression, JSON and rate limit (spec 3.3 steps 3-6).
 
         The limit is charged after decoding so that a batch pays for every item whatever its
         encoding; decoding is bounded by the size limit, so this costs little.
         """
-        body = await read_body(request)
-        encoding = request.headers.get("content-encoding")
+        body = await read_body(receive, headers.get("content-length"))
+        client = scope["client"][0] if scope.get("client") else "unknown"
         try:
-            decoded = codec.loads(codec.decompress(body, encoding, settings.max_request_size))
+            decoded = codec.loads(
+                codec.decompress(body, headers.get("content-encoding"), settings.max_request_size)
+            )
         except ASAPError:
-            refused = await rate_limited(request, meta, 1)  # bad bodies count too
+            refused = await rate_limited(client, meta, 1)  # bad bodies count too
             if refused is not None:
                 return refused
             raise
         # A batch costs one hit per item, charged whole or refused whole (spec 3.7).
         cost = len(decoded) if isinstance(decoded, list) else 1
-        refused = await rate_limited(request, meta, cost)
+        refused = await rate_limited(client, meta, cost)
         if refused is not None:
             return refused
         return decoded
 
-    async def asap_endpoint(request: Request) -> Response:
-        meta = meta_of(request)
+    async def answer(
+        scope: Scope, receive: Receive, headers: Mapping[str, str]
+    ) -> Response | bytes:
+        """The reply to ``POST /asap``: JSON bytes (HTTP 200), or a response for the rest."""
+        meta = meta_of(headers)
         try:
-            body = await decoded_body(request, meta)
+            body = await decoded_body(scope, receive, headers, meta)
         except HTTPError as exc:
             return _detail(exc.status_code, exc.detail)
         except ASAPError as exc:  # parse error
@@ -400,12 +477,33 @@ def create_app(
         reply = await dispatcher.handle_body(body, meta)
         if isinstance(reply, dict) and reply.get("error", {}).get("code") == OVERLOADED:
             return _overloaded(reply["error"]["data"])
-        return _json(reply)
+        try:
+            return codec.dumps(reply)
+        except TypeError:  # a skill returned something JSON cannot carry
+            return _json(reply)
+
+    async def asap_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
+        """``POST /asap`` as a plain ASGI app: the hot path, without Starlette's request,
+        routing and middleware layers (spec 3.3; replies as :class:`VersionMiddleware`'s)."""
+        headers: dict[str, str] = {}
+        for name, value in scope["headers"]:
+            if name in _ASAP_HEADERS:
+                headers.setdefault(name.decode(), value.decode("latin-1"))
+        version = negotiate_version(headers.get("asap-version"))
+        if version is None:
+            await _send(send, _incompatible(headers["asap-version"]), DEFAULT_TRANSPORT_VERSION)
+            return
+        try:
+            reply = await answer(scope, receive, headers)
+        except Exception:
+            _log.exception("asap.server.unhandled_error")
+            reply = _detail(500, "Internal Server Error")
+        await _send(send, reply, version)
 
     async def stream_endpoint(request: Request) -> Response:
-        meta = meta_of(request)
+        meta = meta_of(request.headers)
         try:
-            frame = await decoded_body(request, meta)
+            frame = await decoded_body(request.scope, request.receive, request.headers, meta)
         except HTTPError as exc:
             return _detail(exc.status_code, exc.detail)
         except ASAPError as exc:
@@ -480,7 +578,7 @@ def create_app(
         return _detail(500, "Internal Server Error")
 
     routes = [
-        Route("/asap", asap_endpoint, methods=["POST"]),
+        Route("/asap", _Raw(asap_endpoint), methods=["POST"]),
         Route("/asap/stream", stream_endpoint, methods=["POST"]),
         Route("/.well-known/asap/manifest.json", manifest_endpoint, methods=["GET"]),
         Route("/.well-known/asap/health", health_endpoint, methods=["GET"]),
@@ -488,7 +586,8 @@ def create_app(
         Route("/health", ok_endpoint, methods=["GET"]),
         Route("/ready", ready_endpoint, methods=["GET"]),
     ]
-    app = Starlette(
+    app = AgentApp(
+        asap_endpoint,
         routes=routes,
         lifespan=lifespan,
         exception_handlers={HTTPException: http_exception, Exception: unhandled},
