@@ -19,6 +19,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
+import orjson
 from starlette.concurrency import run_in_threadpool
 from structlog.contextvars import bind_contextvars
 
@@ -33,6 +34,7 @@ from asap.errors import (
     TaskNotFoundError,
     ThreadPoolExhaustedError,
 )
+from asap.models.base import format_timestamp
 from asap.models.entities import StateSnapshot
 from asap.models.enums import TaskStatus
 from asap.models.envelope import Envelope
@@ -49,6 +51,7 @@ from asap.transport.idempotency import IdempotencyRecord
 __all__ = ["TaskManager"]
 
 _log = get_logger("asap.tasks")
+_skill_log = get_logger("asap.skill")
 ACTIVE = frozenset({TaskStatus.SUBMITTED, TaskStatus.WORKING})
 PERSIST_DELAY = 1.0
 OUTBOX_WINDOW = 0.01
@@ -63,6 +66,17 @@ def instance_name() -> str:
 
 
 SHUTDOWN_MESSAGE = "The agent shut down before the task finished; it was not completed"
+
+
+def stored_request(envelope: Envelope, source: dict[str, Any] | None) -> dict[str, Any]:
+    """The request stored with a task, which re-validates to ``envelope``: a deep copy of
+    ``source`` (what it was validated from) with the id and timestamp it was given."""
+    if source is None:
+        return envelope.model_dump(mode="json")
+    request: dict[str, Any] = orjson.loads(orjson.dumps(source))
+    request["id"] = envelope.id
+    request["timestamp"] = format_timestamp(envelope.timestamp)
+    return request
 
 
 class TaskManager:
@@ -82,6 +96,9 @@ class TaskManager:
         self.running: dict[str, asyncio.Task[IdempotencyRecord]] = {}
         self.pending: dict[str, TaskRecord] = {}
         """Records of running tasks not stored yet (see :meth:`persist`)."""
+        self._pending_since: dict[str, float] = {}
+        """When each pending record's task started (loop time, in that order)."""
+        self._sweeper: asyncio.TimerHandle | None = None
         self.creating: dict[str, asyncio.Future[None]] = {}
         self.outbox: dict[str, TaskRecord] = {}
         """Finished tasks never stored yet, being written in batches by :meth:`flush`."""
@@ -131,6 +148,8 @@ class TaskManager:
                 await asyncio.wait(list(self.running.values()), timeout=left)
         if self._grace_timer is not None:
             self._grace_timer.cancel()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         if self._loop_task is not None:
             self._loop_task.cancel()
         self.interrupt()
@@ -206,8 +225,11 @@ class TaskManager:
         *,
         wait: bool = True,
         listener: Callable[[dict[str, Any]], None] | None = None,
+        source: dict[str, Any] | None = None,
     ) -> IdempotencyRecord:
         """Create the task and run it; with ``wait`` return its outcome, else at once.
+        ``source``: the JSON the envelope was validated from, stored with the task (cheaper
+        than dumping the model).
 
         Refused with :class:`ThreadPoolExhaustedError` when ``max_concurrent_tasks`` run
         already: a clear overload reply rather than an unbounded queue.
@@ -232,7 +254,7 @@ class TaskManager:
             skill_id=spec.id,
             sender=envelope.sender,
             status=TaskStatus.WORKING,
-            request=envelope.model_dump(mode="json"),
+            request=stored_request(envelope, source),
             owner=self.instance,
             lease_until=time.time() + self.lease,
         )
@@ -244,11 +266,10 @@ class TaskManager:
             return IdempotencyRecord(fingerprint, record.id, TaskStatus.WORKING.value, None)
         # A task that ends within PERSIST_DELAY is stored once, with its outcome.
         self.pending[record.id] = record
+        self._pending_since[record.id] = asyncio.get_running_loop().time()
+        if self._sweeper is None:
+            self._sweep_later()
         task = self.launch(record, spec, None, envelope)
-        timer = asyncio.get_running_loop().call_later(
-            PERSIST_DELAY, lambda: asyncio.ensure_future(self._persist_quietly(record.id))
-        )
-        task.add_done_callback(lambda _: timer.cancel())
         try:
             outcome = await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -258,11 +279,30 @@ class TaskManager:
             return IdempotencyRecord(fingerprint, stored.id, stored.status.value, stored.result)
         return IdempotencyRecord(fingerprint, outcome.task_id, outcome.status, outcome.result)
 
+    def _sweep_later(self) -> None:
+        self._sweeper = asyncio.get_running_loop().call_later(PERSIST_DELAY / 4, self._sweep)
+
+    def _sweep(self) -> None:
+        """Store the records of tasks that have run for ``PERSIST_DELAY`` (one timer for all
+        tasks: a timer per task costs more than many short tasks do otherwise)."""
+        self._sweeper = None
+        started_before = asyncio.get_running_loop().time() - PERSIST_DELAY
+        for task_id, since in list(self._pending_since.items()):
+            if since > started_before:
+                break
+            asyncio.ensure_future(self._persist_quietly(task_id))
+        if self.pending and not self._stopping:
+            self._sweep_later()
+
+    def _unpend(self, task_id: str) -> TaskRecord | None:
+        self._pending_since.pop(task_id, None)
+        return self.pending.pop(task_id, None)
+
     async def persist(self, task_id: str) -> None:
         """Make sure a running task's record is stored (before its first checkpoint or
         progress report, and once it has run for ``PERSIST_DELAY``)."""
         assert self.storage is not None
-        record = self.pending.pop(task_id, None)
+        record = self._unpend(task_id)
         if record is not None:
             self.creating[task_id] = asyncio.ensure_future(self.storage.tasks.create(record))
         creating = self.creating.get(task_id)
@@ -325,7 +365,7 @@ class TaskManager:
             skill_id=spec.id,
             envelope=envelope,
             agent_id=self.agent_id,
-            logger=get_logger("asap.skill"),
+            logger=_skill_log,
             client=self.client,
             deadline=time.monotonic() + timeout if timeout else None,
             peers=self.peers,
@@ -358,7 +398,7 @@ class TaskManager:
         """Store a task's outcome. A task that was never stored goes to the outbox, written
         in batches (one transaction for many short tasks) right after the reply."""
         assert self.storage is not None
-        unsaved = self.pending.pop(task_id, None)
+        unsaved = self._unpend(task_id)
         if unsaved is not None:
             unsaved.status, unsaved.result = status, result
             self.outbox[task_id] = unsaved

@@ -86,6 +86,8 @@ class RequestMeta:
     """The agent URN the caller's bearer token speaks for (authentication on)."""
     auth_error: JsonRpcError | None = None
     """Why the caller is not authenticated (authentication on, token missing or wrong)."""
+    source: dict[str, Any] | None = None
+    """The envelope as received (JSON values), stored with the task it creates."""
 
 
 def request_fingerprint(request: TaskRequest) -> str:
@@ -178,11 +180,13 @@ class Dispatcher:
         started = time.perf_counter()
         payload_key = None
         try:
-            envelope = await self.prepare(frame, meta)
+            envelope, source = await self.prepare(frame, meta)
             payload_key = envelope.payload_key
             params_key = frame["params"].get("idempotency_key")
             if isinstance(params_key, str) and params_key:
-                meta = replace(meta, idempotency_key=params_key)
+                meta = replace(meta, idempotency_key=params_key, source=source)
+            else:
+                meta = replace(meta, source=source)
             reply = await self.dispatch(envelope, meta)
             self.count(payload_key, started)
             return success_reply(reply, request_id)
@@ -220,9 +224,9 @@ class Dispatcher:
 
     # -- one envelope --------------------------------------------------------------------
 
-    async def prepare(self, frame: Any, meta: RequestMeta) -> Envelope:
+    async def prepare(self, frame: Any, meta: RequestMeta) -> tuple[Envelope, dict[str, Any]]:
         """Frame, authentication, envelope, sender, replay window and nonce checks (spec 3.3
-        steps 7-14)."""
+        steps 7-14); the envelope, and the JSON it was validated from."""
 
         def authenticate() -> None:
             if meta.auth_error is not None:
@@ -245,7 +249,7 @@ class Dispatcher:
         self.check_timestamp(envelope)
         if self.settings.require_nonce:
             await self.check_nonce(envelope)
-        return envelope
+        return envelope, raw
 
     async def check_nonce(self, envelope: Envelope) -> None:
         """Refuse an envelope without ``extensions.nonce`` or with one already used, by this
@@ -316,7 +320,9 @@ class Dispatcher:
         fingerprint = request_fingerprint(request) if key else ""
 
         async def execute() -> IdempotencyRecord:
-            return await self.tasks.submit(spec, envelope, fingerprint, wait=not meta.respond_async)
+            return await self.tasks.submit(
+                spec, envelope, fingerprint, wait=not meta.respond_async, source=meta.source
+            )
 
         if key:
             assert self.tasks.storage is not None
@@ -435,14 +441,16 @@ class Dispatcher:
         Errors before the task starts are raised, to be answered as JSON-RPC (as the
         reference does).
         """
-        envelope = await self.prepare(frame, meta)
+        envelope, source = await self.prepare(frame, meta)
         if envelope.payload_key != "taskrequest":
             raise HandlerNotFoundError(envelope.payload_type, streaming=True)
         request: TaskRequest = envelope.payload
         spec = self.tasks.find_skill(request.skill_id)
         spec.parse_input(request.input)
         events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        record = await self.tasks.submit(spec, envelope, wait=False, listener=events.put_nowait)
+        record = await self.tasks.submit(
+            spec, envelope, wait=False, listener=events.put_nowait, source=source
+        )
         return self._stream_task(envelope, meta, record.task_id, events)
 
     async def _stream_task(
