@@ -75,7 +75,8 @@ def stored_request(envelope: Envelope, source: dict[str, Any] | None) -> dict[st
         return envelope.model_dump(mode="json")
     request: dict[str, Any] = orjson.loads(orjson.dumps(source))
     request["id"] = envelope.id
-    request["timestamp"] = format_timestamp(envelope.timestamp)
+    if not isinstance(request.get("timestamp"), str):  # else valid as it is
+        request["timestamp"] = format_timestamp(envelope.timestamp)
     return request
 
 

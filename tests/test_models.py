@@ -1079,3 +1079,20 @@ def test_ids_differ_in_a_forked_child() -> None:
     os.close(read)
     os.close(write)
     assert child[10:26] != parent[10:26] and child[26:] != parent[26:]
+
+
+def test_utc_timestamp_is_now_written_as_format_timestamp_writes_it() -> None:
+    """Reply envelopes are stamped by utc_timestamp: the reference's format, the current time."""
+    import re
+    from datetime import UTC, datetime
+
+    from asap.models.base import format_timestamp, utc_timestamp
+
+    for _ in range(1000):
+        before = datetime.now(UTC)
+        text = utc_timestamp()
+        after = datetime.now(UTC)
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?Z", text), text
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        assert before <= parsed <= after
+        assert format_timestamp(parsed) == text

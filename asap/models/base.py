@@ -6,12 +6,13 @@ exactly as the reference does. Timestamps are written in UTC with a ``Z`` suffix
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, PlainSerializer
 
-__all__ = ["ASAPBaseModel", "UTCDateTime", "format_timestamp", "utc_now"]
+__all__ = ["ASAPBaseModel", "UTCDateTime", "format_timestamp", "utc_now", "utc_timestamp"]
 
 
 def utc_now() -> datetime:
@@ -32,6 +33,20 @@ def format_timestamp(value: datetime) -> str:
         text = value.replace(tzinfo=None).isoformat()
         return text + "Z"
     return value.isoformat()
+
+
+_second: tuple[int, str] = (-1, "")
+
+
+def utc_timestamp() -> str:
+    """The current time as :func:`format_timestamp` writes it, without a datetime (the text
+    of the second is kept: a reply envelope needs one, and formatting a datetime costs more
+    than the rest of its fields)."""
+    global _second
+    seconds, micros = divmod(time.time_ns() // 1000, 1_000_000)
+    if _second[0] != seconds:
+        _second = (seconds, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)))
+    return f"{_second[1]}.{micros:06d}Z" if micros else _second[1] + "Z"
 
 
 UTCDateTime = Annotated[datetime, PlainSerializer(format_timestamp, return_type=str)]

@@ -33,7 +33,7 @@ from asap.errors import (
     SkillNotFoundError,
     TaskNotFoundError,
 )
-from asap.models.base import format_timestamp
+from asap.models.base import utc_timestamp
 from asap.models.entities import Manifest
 from asap.models.enums import TaskStatus
 from asap.models.envelope import Envelope
@@ -423,7 +423,7 @@ class Dispatcher:
         return {
             "id": generate_id(),
             "asap_version": request.asap_version,
-            "timestamp": format_timestamp(datetime.now(UTC)),
+            "timestamp": utc_timestamp(),
             "sender": self.manifest.id,
             "recipient": request.sender,
             "payload_type": payload_type,
