@@ -9,9 +9,12 @@ process, concurrent commands pipelined on it; no extra package). Every key start
   allocated and both keys written in one atomic step;
 - ``task:<id>``: hash with the record JSON, ``status``, ``owner``, ``lease_until``,
   ``cancel_requested`` and a revision ``rev``; ``leases``: sorted set of the submitted or working
-  tasks that have a lease (score = ``lease_until``) for :meth:`RedisTaskStore.expired`. A change
+  tasks that have a lease (score = ``lease_until``) for :meth:`RedisTaskStore.expired`;
+  ``finished``: sorted set of the finished tasks (score = ``updated_at``) for
+  :meth:`RedisTaskStore.purge`. The same script writes the hash and both sets. A change
   reads the record, applies it in Python (spec 2.3 transitions), then writes it with a Lua
-  compare-and-set on ``rev``, retrying when another writer came first;
+  compare-and-set on ``rev``, retrying when another writer came first. A task that finished
+  before ``finished`` existed is not in it, so it is never purged (delete such keys by hand);
 - ``idempotency:<key>``: ``SET NX PX`` of a pending value is the claim; the runner's heartbeat
   extends it, so it expires ``takeover`` seconds after a runner dies and the next caller claims
   the key; the outcome replaces it for ``ttl`` seconds.
@@ -107,10 +110,14 @@ local function write()
              'lease_until', ARGV[5], 'cancel_requested', ARGV[6])
   if ARGV[7] == '1' then redis.call('ZADD', KEYS[2], ARGV[5], ARGV[1])
   else redis.call('ZREM', KEYS[2], ARGV[1]) end
+  if ARGV[8] ~= '' then redis.call('ZADD', KEYS[3], ARGV[8], ARGV[1]) end
   redis.call('HINCRBY', KEYS[1], 'rev', 1)
   return 1
 end
 """
+"""Write a task: KEYS = hash, ``leases``, ``finished``; ARGV = id, record JSON, status, owner,
+lease_until, cancel_requested, whether it is in ``leases``, its ``finished`` score (its
+``updated_at`` when its status is terminal, else empty: a status never leaves terminal)."""
 CREATE_TASK = (
     WRITE_TASK_LUA
     + """
@@ -121,7 +128,7 @@ return write()
 CHANGE_TASK = (
     WRITE_TASK_LUA
     + """
-if redis.call('HGET', KEYS[1], 'rev') ~= ARGV[8] then return 0 end
+if redis.call('HGET', KEYS[1], 'rev') ~= ARGV[9] then return 0 end
 return write()
 """
 )
@@ -296,6 +303,10 @@ class RedisSnapshotStore(SnapshotStore):
         arg = "" if version is None else str(version)
         return bool(await self._conn.script("delete", self._keys(task_id), [arg]))
 
+    async def delete_many(self, task_ids: list[str]) -> None:
+        if task_ids:
+            await self._conn.pipeline([["DEL", *self._keys(task_id)] for task_id in task_ids])
+
     async def aclose(self) -> None:
         """Close the shared connection (once for the three stores)."""
         await self._conn.aclose()
@@ -311,6 +322,7 @@ class RedisTaskStore(TaskStore):
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
         self._leases = f"{conn.prefix}leases"
+        self._finished = f"{conn.prefix}finished"
 
     def __repr__(self) -> str:
         return f"RedisTaskStore(prefix={self._conn.prefix!r})"
@@ -318,9 +330,13 @@ class RedisTaskStore(TaskStore):
     def _key(self, task_id: str) -> str:
         return f"{self._conn.prefix}task:{task_id}"
 
+    def _keys(self, task_id: str) -> list[str]:
+        return [self._key(task_id), self._leases, self._finished]
+
     def _args(self, record: TaskRecord) -> list[Arg]:
         lease = "" if record.lease_until is None else repr(record.lease_until)
         active = record.status in ACTIVE and record.lease_until is not None
+        finished = repr(float(record.updated_at)) if record.status.is_terminal() else ""
         return [
             record.id,
             to_json(record.to_dict(), "task record"),
@@ -329,16 +345,16 @@ class RedisTaskStore(TaskStore):
             lease,
             int(record.cancel_requested),
             int(active),
+            finished,
         ]
 
     async def create(self, record: TaskRecord) -> None:
-        keys = [self._key(record.id), self._leases]
-        if not await self._conn.script("create", keys, self._args(record)):
+        if not await self._conn.script("create", self._keys(record.id), self._args(record)):
             raise StorageError(f"Task {record.id} already exists")
 
     async def create_many(self, records: list[TaskRecord]) -> None:
         # one pipeline of ``create`` scripts; each leaves an existing task as it is
-        calls = [([self._key(r.id), self._leases], self._args(r)) for r in records]
+        calls = [(self._keys(r.id), self._args(r)) for r in records]
         if calls:
             await self._conn.scripts("create", calls)
 
@@ -350,7 +366,7 @@ class RedisTaskStore(TaskStore):
         self, task_id: str, change: Callable[[TaskRecord], TaskRecord | None]
     ) -> TaskRecord | None:
         """Read, ``change`` and write back unless another writer came first (then again)."""
-        keys = [self._key(task_id), self._leases]
+        keys = self._keys(task_id)
         while True:
             text, rev = await self._conn.execute("HMGET", keys[0], "record", "rev")
             if text is None:
@@ -400,6 +416,23 @@ class RedisTaskStore(TaskStore):
             [["HGET", self._key(task_id), "cancel_requested"] for task_id in task_ids]
         )
         return [task_id for task_id, flag in zip(task_ids, flags, strict=True) if flag == "1"]
+
+    async def purge(self, finished_before: float, limit: int = 1000) -> list[str]:
+        """The oldest ids of ``finished`` below ``finished_before``, then one pipeline that
+        deletes their hashes and takes them out of ``finished``. Concurrent purges may read
+        the same ids; only the one whose ``DEL`` deleted a hash reports it."""
+        if limit < 1:
+            return []
+        cutoff = f"({float(finished_before)!r}"
+        ids = await self._conn.execute(
+            "ZRANGEBYSCORE", self._finished, "-inf", cutoff, "LIMIT", 0, limit
+        )
+        if not ids:
+            return []
+        deleted = await self._conn.pipeline(
+            [["DEL", self._key(task_id)] for task_id in ids] + [["ZREM", self._finished, *ids]]
+        )
+        return [task_id for task_id, gone in zip(ids, deleted[:-1], strict=True) if gone]
 
     async def aclose(self) -> None:
         """Close the shared connection (once for the three stores)."""

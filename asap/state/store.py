@@ -12,6 +12,8 @@ Contract, for every backend:
   existing version (it raises :class:`SnapshotConflictError`);
 - task updates are compare-and-set on the status (:meth:`TaskStore.update` with
   ``expect``), so two workers cannot both move a task, and the spec 2.3 transitions hold;
+- finished tasks are kept until purged (:meth:`TaskStore.purge`, oldest first; the agent's
+  lease loop calls :meth:`Storage.purge_finished` with ``ASAP_TASK_RETENTION_SECONDS``);
 - no call blocks the event loop;
 - stored data is JSON (tuples come back as lists; sets and non-string keys are refused by the
   durable backends).
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import heapq
 import itertools
 import time
 from abc import ABC, abstractmethod
@@ -37,6 +40,7 @@ from asap.transport.idempotency import IdempotencyStore, MemoryIdempotencyStore
 from asap.transport.ratelimit import RateLimit, RateLimiter
 
 __all__ = [
+    "PURGE_BATCH",
     "GuardStore",
     "MemoryGuardStore",
     "MemorySnapshotStore",
@@ -48,6 +52,10 @@ __all__ = [
     "TaskRecord",
     "TaskStore",
 ]
+
+
+PURGE_BATCH = 1000
+"""Finished tasks deleted per :meth:`TaskStore.purge` call by :meth:`Storage.purge_finished`."""
 
 
 class StorageError(ASAPError):
@@ -94,6 +102,12 @@ class SnapshotStore(ABC):
     @abstractmethod
     async def delete(self, task_id: str, version: int | None = None) -> bool:
         """Delete one version, or all when ``version`` is None; whether anything was deleted."""
+
+    async def delete_many(self, task_ids: list[str]) -> None:
+        """Delete every snapshot of these tasks (one statement or round trip where the
+        backend allows)."""
+        for task_id in task_ids:
+            await self.delete(task_id)
 
 
 @dataclass
@@ -177,6 +191,14 @@ class TaskStore(ABC):
     @abstractmethod
     async def cancel_requested(self, task_ids: list[str]) -> list[str]:
         """Which of ``task_ids`` have a cancellation request."""
+
+    @abstractmethod
+    async def purge(self, finished_before: float, limit: int = 1000) -> list[str]:
+        """Delete up to ``limit`` finished tasks (terminal status) whose ``updated_at`` (when
+        they finished) is before ``finished_before``, oldest first; return their ids. Active
+        tasks are never deleted, however old. Safe to run in several processes at once: each
+        deleted id is returned by one of them. Snapshots are the caller's to delete
+        (:meth:`SnapshotStore.delete_many`; :meth:`Storage.purge_finished` does both)."""
 
 
 def check_transition(record: TaskRecord, changes: dict[str, Any]) -> None:
@@ -282,11 +304,19 @@ class MemoryTaskStore(TaskStore):
 
     def __init__(self) -> None:
         self._tasks: dict[str, TaskRecord] = {}
+        self._finished: list[tuple[float, str]] = []
+        """Heap of (updated_at, id) of every terminal record written, for :meth:`purge`
+        (an entry whose record changed or went since is skipped there)."""
+
+    def _put(self, record: TaskRecord) -> None:
+        self._tasks[record.id] = record
+        if record.status.is_terminal():
+            heapq.heappush(self._finished, (record.updated_at, record.id))
 
     async def create(self, record: TaskRecord) -> None:
         if record.id in self._tasks:
             raise StorageError(f"Task {record.id} already exists")
-        self._tasks[record.id] = record.copy()
+        self._put(record.copy())
 
     async def get(self, task_id: str) -> TaskRecord | None:
         record = self._tasks.get(task_id)
@@ -299,7 +329,7 @@ class MemoryTaskStore(TaskStore):
         updated = apply_changes(record, expect, changes) if record is not None else None
         if updated is None:
             return None
-        self._tasks[task_id] = updated.copy()
+        self._put(updated.copy())
         return updated
 
     async def expired(self, now: float) -> list[TaskRecord]:
@@ -320,6 +350,17 @@ class MemoryTaskStore(TaskStore):
 
     async def cancel_requested(self, task_ids: list[str]) -> list[str]:
         return [t for t in task_ids if (r := self._tasks.get(t)) is not None and r.cancel_requested]
+
+    async def purge(self, finished_before: float, limit: int = 1000) -> list[str]:
+        heap = self._finished
+        purged: list[str] = []
+        while heap and heap[0][0] < finished_before and len(purged) < limit:
+            updated_at, task_id = heapq.heappop(heap)
+            record = self._tasks.get(task_id)
+            if record is not None and record.updated_at == updated_at:  # else a stale entry
+                del self._tasks[task_id]
+                purged.append(task_id)
+        return purged
 
 
 class GuardStore(ABC):
@@ -383,6 +424,22 @@ class Storage:
     guard: GuardStore = field(default_factory=MemoryGuardStore)
     """Replay nonces and rate-limit windows; shared like the rest except that the SQLite
     backend counts rates per process (a write per request would cost more than it saves)."""
+
+    async def purge_finished(
+        self, finished_before: float, *, batch: int = PURGE_BATCH, max_batches: int = 10
+    ) -> list[str]:
+        """Delete the tasks that finished before ``finished_before`` and their snapshots, in
+        batches of ``batch`` (:meth:`TaskStore.purge`) until one comes back short, at most
+        ``max_batches`` of them (the rest waits for the next call); the ids deleted."""
+        purged: list[str] = []
+        for _ in range(max_batches):
+            ids = await self.tasks.purge(finished_before, batch)
+            if ids:
+                await self.snapshots.delete_many(ids)
+            purged += ids
+            if len(ids) < batch:
+                break
+        return purged
 
     async def aclose(self) -> None:
         """Release connections and threads."""

@@ -8,6 +8,7 @@ test works under its own key prefix and deletes its keys afterwards.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sqlite3
 import sys
@@ -657,3 +658,224 @@ async def test_create_many_stores_new_tasks_and_leaves_existing_ones(storage: St
     await storage.tasks.create_many([])
     stored = [await storage.tasks.get(f"task-{n}") for n in range(1, 40)]
     assert [r.result for r in stored if r is not None] == [{"n": n} for n in range(1, 40)]
+
+
+# Retention: finished tasks are purged
+
+
+TERMINAL = (COMPLETED, FAILED, TaskStatus.CANCELLED)
+
+
+async def test_purge_deletes_only_finished_tasks_older_than_the_cutoff(storage: Storage) -> None:
+    now = time.time()
+    for n, status in enumerate(TERMINAL):
+        await storage.tasks.create(task(f"old-{status}", status=status, updated_at=100.0 + n))
+        await storage.tasks.create(task(f"new-{status}", status=status, updated_at=now))
+    for status in (SUBMITTED, WORKING, TaskStatus.INPUT_REQUIRED):  # however old: kept
+        await storage.tasks.create(task(f"active-{status}", status=status, updated_at=1.0))
+    purged = await storage.tasks.purge(now - 60)
+    assert purged == ["old-completed", "old-failed", "old-cancelled"]  # oldest first
+    for status in TERMINAL:
+        assert await storage.tasks.get(f"old-{status}") is None
+        assert await storage.tasks.get(f"new-{status}") is not None
+    for status in (SUBMITTED, WORKING, TaskStatus.INPUT_REQUIRED):
+        assert await storage.tasks.get(f"active-{status}") is not None
+    assert await storage.tasks.purge(now - 60) == []
+    assert await storage.tasks.purge(now) == []  # before: not at
+
+
+async def test_purge_respects_the_limit_oldest_first(storage: Storage) -> None:
+    times = [50.0, 10.0, 70.0, 30.0, 20.0, 60.0, 40.0]
+    await storage.tasks.create_many(  # the outbox's write marks them finished too
+        [task(f"t{int(t)}", status=COMPLETED, updated_at=t) for t in times[:4]]
+    )
+    for t in times[4:]:
+        await storage.tasks.create(task(f"t{int(t)}", status=FAILED, updated_at=t))
+    assert await storage.tasks.purge(1000.0, limit=3) == ["t10", "t20", "t30"]
+    assert await storage.tasks.purge(65.0, limit=3) == ["t40", "t50", "t60"]
+    assert await storage.tasks.purge(1000.0, limit=0) == []
+    assert await storage.tasks.purge(1000.0, limit=3) == ["t70"]
+    assert await storage.tasks.purge(1000.0) == []
+
+
+async def test_a_task_finishing_now_is_purged_only_once_its_time_has_passed(
+    storage: Storage,
+) -> None:
+    await storage.tasks.create(task(status=WORKING, updated_at=1.0, lease_until=1.0))
+    assert await storage.tasks.purge(time.time()) == []  # active
+    finished = await storage.tasks.update("task-1", status=COMPLETED, result={"ok": 1})
+    assert finished is not None and finished.updated_at > time.time() - 60
+    assert await storage.tasks.purge(time.time() - 60) == []
+    assert await storage.tasks.purge(finished.updated_at + 1) == ["task-1"]
+    assert await storage.tasks.get("task-1") is None
+    assert await storage.tasks.update("task-1", progress={"percent": 1}) is None
+
+
+async def test_concurrent_purges_report_each_task_once(storage: Storage, backend: Backend) -> None:
+    """Every worker purges on its own; together they delete each task once."""
+    await storage.tasks.create_many(
+        [task(f"t{n:03d}", status=COMPLETED, updated_at=float(n)) for n in range(200)]
+    )
+    other = await backend.open() if backend.name != "memory" else storage
+
+    async def worker(store: Storage) -> list[str]:
+        purged: list[str] = []
+        while ids := await store.tasks.purge(1000.0, limit=70):  # [] when all were taken
+            purged += ids
+        return purged
+
+    try:
+        results = await asyncio.gather(*(worker(s) for s in (storage, other, storage, other)))
+    finally:
+        if other is not storage:
+            await other.aclose()
+    purged = [task_id for ids in results for task_id in ids]
+    assert sorted(purged) == [f"t{n:03d}" for n in range(200)]  # each one reported once
+    assert await storage.tasks.purge(1000.0) == []
+
+
+async def test_purge_finished_deletes_tasks_and_their_snapshots_in_batches(
+    storage: Storage,
+) -> None:
+    now = time.time()
+    await storage.tasks.create_many(
+        [task(f"old-{n:02d}", status=COMPLETED, updated_at=float(n)) for n in range(25)]
+    )
+    await storage.tasks.create(task("recent", status=COMPLETED, updated_at=now))
+    await storage.tasks.create(task("running", status=WORKING, updated_at=1.0))
+    for task_id in ("old-00", "old-07", "old-24", "recent", "running"):
+        await storage.snapshots.append(task_id, {"step": 1})
+        await storage.snapshots.append(task_id, {"step": 2}, checkpoint=True)
+    first = await storage.purge_finished(now - 60, batch=10, max_batches=2)
+    assert first == [f"old-{n:02d}" for n in range(20)]  # capped: 2 batches of 10
+    assert await storage.snapshots.list_versions("old-00") == []
+    assert await storage.snapshots.get("old-07") is None
+    assert await storage.snapshots.list_versions("old-24") == [1, 2]  # its task is not purged
+    assert await storage.purge_finished(now - 60, batch=10, max_batches=2) == [
+        f"old-{n:02d}" for n in range(20, 25)
+    ]
+    assert await storage.snapshots.list_versions("old-24") == []
+    assert await storage.purge_finished(now - 60) == []
+    for task_id in ("recent", "running"):
+        assert await storage.tasks.get(task_id) is not None
+        assert await storage.snapshots.list_versions(task_id) == [1, 2]
+
+
+async def test_delete_many_snapshots(storage: Storage) -> None:
+    for task_id in ("a", "b", "c"):
+        await storage.snapshots.append(task_id, {})
+    await storage.snapshots.delete_many(["a", "c", "missing"])
+    await storage.snapshots.delete_many([])
+    assert [await storage.snapshots.list_versions(t) for t in ("a", "b", "c")] == [[], [1], []]
+    assert await storage.snapshots.append("a", {}) == await storage.snapshots.get("a")
+
+
+async def test_sqlite_purge_uses_the_finished_index(tmp_path: Path) -> None:
+    """The point of the index: a purge reads the oldest finished rows, not the table."""
+    from asap.state.sqlite import PURGE_TASKS
+
+    path = tmp_path / "state.db"
+
+    def check_plan(analyze: bool) -> None:
+        conn = sqlite3.connect(path)
+        try:
+            if analyze:
+                conn.execute("ANALYZE")
+            plan = [row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {PURGE_TASKS}", (1.0, 9))]
+        finally:
+            conn.close()
+        assert any("USING INDEX tasks_finished (<expr><?)" in step for step in plan), plan
+        assert not any(step.startswith("SCAN") or "TEMP B-TREE" in step for step in plan), plan
+
+    storage = await open_storage(f"sqlite:///{path}")
+    try:
+        check_plan(analyze=False)  # no statistics (as agents run): would pick tasks_by_lease
+        await storage.tasks.create_many(
+            [task(f"t{n}", status=(COMPLETED, WORKING)[n % 2], updated_at=n) for n in range(500)]
+        )
+        check_plan(analyze=False)
+        check_plan(analyze=True)
+        assert len(await storage.tasks.purge(1000.0)) == 250
+    finally:
+        await storage.aclose()
+
+
+async def test_sqlite_file_from_before_retention_is_purged_without_migration(
+    tmp_path: Path,
+) -> None:
+    """A file written by a version without the index gets it when opened."""
+    from asap.state.sqlite import SCHEMA
+
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    try:
+        conn.executescript("\n".join(s for s in SCHEMA.split("\n") if "tasks_finished" not in s))
+        record = task("old-task", status=COMPLETED, updated_at=5.0)
+        conn.execute(
+            "INSERT INTO tasks (id, status, record) VALUES (?, ?, ?)",
+            (record.id, record.status.value, json.dumps(record.to_dict())),
+        )
+        conn.commit()
+    finally:
+        conn.close()
+    storage = await open_storage(f"sqlite:///{path}")
+    try:
+        assert await storage.tasks.get("old-task") == record
+        assert await storage.tasks.purge(10.0) == ["old-task"]
+    finally:
+        await storage.aclose()
+
+
+def redis_client() -> Any:
+    import redis
+
+    return redis.Redis.from_url(REDIS_URL, decode_responses=True)
+
+
+@pytest.mark.parametrize("backend", ["redis"], indirect=True)
+async def test_redis_purge_deletes_the_hash_and_leaves_the_finished_set(
+    storage: Storage, backend: Backend
+) -> None:
+    prefix = backend.options["key_prefix"]
+    client = redis_client()
+    try:
+        await storage.tasks.create(task(status=WORKING, lease_until=time.time() + 60))
+        assert client.zscore(f"{prefix}finished", "task-1") is None
+        done = await storage.tasks.update("task-1", status=COMPLETED, result={"ok": True})
+        assert done is not None
+        assert client.zscore(f"{prefix}finished", "task-1") == done.updated_at
+        assert client.zscore(f"{prefix}leases", "task-1") is None
+        assert await storage.tasks.purge(done.updated_at + 1) == ["task-1"]
+        assert client.hget(f"{prefix}task:task-1", "record") is None
+        assert client.exists(f"{prefix}task:task-1") == 0
+        assert client.zcard(f"{prefix}finished") == 0
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("backend", ["redis"], indirect=True)
+async def test_redis_record_finished_before_the_finished_set_stays_readable(
+    storage: Storage, backend: Backend
+) -> None:
+    """A hash written by the previous version is read as before, and never purged (it is
+    not in ``finished``)."""
+    prefix = backend.options["key_prefix"]
+    record = task("legacy", status=COMPLETED, updated_at=5.0)
+    client = redis_client()
+    try:
+        client.hset(
+            f"{prefix}task:legacy",
+            mapping={
+                "record": json.dumps(record.to_dict()),
+                "status": "completed",
+                "owner": "",
+                "lease_until": "",
+                "cancel_requested": "0",
+                "rev": "1",
+            },
+        )
+        assert await storage.tasks.get("legacy") == record
+        assert await storage.tasks.purge(time.time()) == []
+        assert await storage.tasks.get("legacy") == record
+    finally:
+        client.close()
