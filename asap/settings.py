@@ -85,6 +85,10 @@ class Settings:
     task_lease_seconds: int = 15
     """How long a task stays owned by its instance without renewal; after that another
     instance takes it over (resumes it, or marks it failed)."""
+    task_retention_seconds: int = 86400
+    """How long a finished (completed, failed, cancelled) task's record and snapshots are kept
+    after it finished; then the lease loop deletes them and ``state.query`` answers -32010.
+    0: keep them forever."""
     instance_id: str | None = None
     """Name of this agent process in task leases; default: host, pid and a random suffix."""
     task_timeout_seconds: int | None = None
@@ -135,6 +139,11 @@ class Settings:
         ):
             if getattr(self, name) < 1:
                 raise ConfigurationError(f"ASAP_{name.upper()} must be at least 1")
+        if self.task_retention_seconds < 0:
+            raise ConfigurationError(
+                "ASAP_TASK_RETENTION_SECONDS must be 0 (keep finished tasks forever) or a "
+                f"positive number of seconds, got {self.task_retention_seconds}"
+            )
         self.peer_urls()
         self.rate_limits()
         window = self.max_envelope_age_seconds + self.max_future_tolerance_seconds
