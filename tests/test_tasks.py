@@ -5,13 +5,24 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from asap import tasks as tasks_module
+from asap.errors import ConfigurationError
+from asap.models.enums import TaskStatus
+from asap.settings import Settings
+from asap.state.sqlite import SCHEMA
+from asap.state.store import TaskRecord
 from asap.transport.app import create_app
 from tests.conftest import echo_settings, serve_in_process
+from tests.state.test_contract import REDIS_URL, delete_redis_keys, require_redis
 
 pytestmark = pytest.mark.anyio
 
@@ -200,3 +211,145 @@ async def test_a_task_whose_owner_vanished_is_taken_over(agent: httpx.AsyncClien
     assert resumed["result"] == {"done": 3, "resumed_from": 2}
     lost = await query(agent, "task_plain")
     assert lost["status"] == "failed" and lost["result"]["error"]["type"] == "TaskLostError"
+
+
+# Retention: finished tasks are deleted after ASAP_TASK_RETENTION_SECONDS
+
+
+class Events:
+    """Stands in for ``asap.tasks._log`` (the real one is cached at the level of its first
+    use): records (event, fields) per level."""
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, str, dict[str, Any]]] = []
+
+    def __getattr__(self, level: str) -> Any:
+        return lambda event, **fields: self.lines.append((level, event, fields))
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+def storage_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "memory":
+        yield "memory://"
+    elif request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/state.db"
+    else:
+        require_redis()
+        prefix = f"asap-test:{uuid.uuid4().hex}:"
+        yield f"{REDIS_URL}?prefix={prefix}"
+        delete_redis_keys(prefix)
+
+
+async def test_finished_tasks_are_purged_after_the_retention(
+    storage_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A finished task (and its snapshots) is gone once the retention has passed: state.query
+    answers -32010; a running task as old is untouched."""
+    settings = echo_settings(
+        skills=("skills.echo", "tests.agent_skills"),
+        storage_url=storage_url,
+        task_lease_seconds=60,  # the lease loop stays asleep: the test ticks itself
+        task_retention_seconds=1,
+    )
+    app = create_app(settings)
+    async with serve_in_process(app) as client:
+        manager = app.state.dispatcher.tasks
+        echoed = payload(await call(client, task("echo", {"x": 1})))["task_id"]
+        body = task("progress", {"steps": 2, "seconds": 0.01})
+        checkpointed = payload(await call(client, body, prefer="respond-async"))["task_id"]
+        await wait_for(client, checkpointed, "completed")
+        body = task("sleep", {"seconds": 30})
+        running = payload(await call(client, body, prefer="respond-async"))["task_id"]
+        await manager.flush()  # the echo task's record leaves the outbox
+        assert await manager.storage.snapshots.list_versions(checkpointed) == [1, 2]
+        events = Events()
+        monkeypatch.setattr(tasks_module, "_log", events)
+        await manager._tick()
+        assert (await query(client, echoed))["status"] == "completed"  # not a second old
+        await asyncio.sleep(1.2)
+        await manager._tick()
+        assert ("info", "asap.tasks.purged", {"count": 2}) in events.lines
+        for task_id in (echoed, checkpointed):
+            error = (await call(client, frame("state.query", {"task_id": task_id})))["error"]
+            assert error["code"] == -32010 and error["data"]["code"] == "asap:task/not_found"
+        assert await manager.storage.snapshots.list_versions(checkpointed) == []
+        assert (await query(client, running))["status"] == "working"
+        cancelled = payload(await call(client, frame("task.cancel", {"task_id": running})))
+        assert cancelled["status"] == "cancelled"
+
+
+async def test_retention_zero_keeps_finished_tasks_forever(agent: httpx.AsyncClient) -> None:
+    manager = manager_of(agent)
+    old = TaskRecord(
+        id="task_finished_long_ago",
+        conversation_id="c",
+        skill_id="echo",
+        sender="urn:asap:agent:x",
+        status=TaskStatus.COMPLETED,
+        request=task("echo", {})["params"]["envelope"],
+        result={"echoed": {}},
+        created_at=1.0,
+        updated_at=1.0,
+    )
+    await manager.storage.tasks.create(old)
+    manager.settings = manager.settings.with_overrides(task_retention_seconds=0)
+    await manager._tick()
+    assert (await query(agent, old.id))["status"] == "completed"
+    manager.settings = manager.settings.with_overrides(task_retention_seconds=86400)
+    await manager._tick()
+    error = (await call(agent, frame("state.query", {"task_id": old.id})))["error"]
+    assert error["code"] == -32010
+
+
+async def test_a_failing_purge_does_not_stop_the_lease_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The SQLite index the purge names is dropped under the agent: every purge fails (and is
+    logged) while the loop goes on; recreated, the next tick purges."""
+    path = tmp_path / "state.db"
+    settings = echo_settings(storage_url=f"sqlite:///{path}", task_lease_seconds=1)
+    app = create_app(settings)
+    events = Events()
+    monkeypatch.setattr(tasks_module, "_log", events)
+    async with serve_in_process(app) as client:
+        manager = app.state.dispatcher.tasks
+        old = TaskRecord(
+            id="task_old",
+            conversation_id="c",
+            skill_id="echo",
+            sender="urn:asap:agent:x",
+            status=TaskStatus.COMPLETED,
+            request=task("echo", {})["params"]["envelope"],
+            updated_at=1.0,
+        )
+        conn = sqlite3.connect(path)
+        try:
+            conn.execute("DROP INDEX tasks_finished")
+            await manager.storage.tasks.create(old)
+            for _ in range(100):
+                await asyncio.sleep(0.05)
+                failures = [e for _, e, _ in events.lines if e == "asap.tasks.maintenance_failed"]
+                if len(failures) >= 2:
+                    break
+            assert len(failures) >= 2, events.lines
+            assert await manager.storage.tasks.get("task_old") is not None
+            conn.executescript(SCHEMA)
+        finally:
+            conn.close()
+        for _ in range(100):
+            if await manager.storage.tasks.get("task_old") is None:
+                break
+            await asyncio.sleep(0.05)
+        assert await manager.storage.tasks.get("task_old") is None
+        assert ("info", "asap.tasks.purged", {"count": 1}) in events.lines
+        assert (await call(client, task("echo", {"x": 1})))["result"]
+
+
+def test_task_retention_setting() -> None:
+    assert Settings().task_retention_seconds == 86400
+    assert Settings.from_env({"ASAP_TASK_RETENTION_SECONDS": "0"}).task_retention_seconds == 0
+    assert Settings.from_env({"ASAP_TASK_RETENTION_SECONDS": "600"}).task_retention_seconds == 600
+    with pytest.raises(ConfigurationError, match="ASAP_TASK_RETENTION_SECONDS must be 0"):
+        Settings.from_env({"ASAP_TASK_RETENTION_SECONDS": "-1"})
+    with pytest.raises(ConfigurationError, match="ASAP_TASK_RETENTION_SECONDS must be an integer"):
+        Settings.from_env({"ASAP_TASK_RETENTION_SECONDS": "1d"})
