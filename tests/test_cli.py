@@ -205,7 +205,8 @@ def test_an_unreachable_agent_exits_3_at_once_with_one_line(not_an_agent: str) -
     assert time.monotonic() - started < 15
     assert send.returncode == 3 and send.stdout == ""
     assert send.stderr.splitlines() == [
-        f"asap send: cannot reach {down}: All connection attempts failed"
+        f"asap send: cannot reach {down}: Cannot connect to 127.0.0.1:{down.rsplit(':', 1)[1]}: "
+        "Connection refused"
     ]
     assert garbage.returncode == 3 and garbage.stdout == ""
     (line,) = garbage.stderr.splitlines()

@@ -40,6 +40,7 @@ from asap.models.envelope import Envelope
 from asap.models.ids import generate_id
 from asap.models.payloads import CORRELATED_PAYLOAD_TYPES, TaskRequest, TaskRequestConfig
 from asap.observability.logging import get_logger
+from asap.transport.network import network_transport
 from asap.transport.resilience import (
     DEADLINE_EXTENSION,
     REBUILD_EXTENSION,
@@ -128,7 +129,7 @@ class ASAPClient:
 
     async def __aenter__(self) -> ASAPClient:
         if self._transport is None:
-            network = self._given_transport or httpx.AsyncHTTPTransport(limits=self._limits)
+            network = self._given_transport or network_transport(self._limits)
             self._transport = (
                 resilient_transport(self.retry_config, network)
                 if self.retry_config is not None

@@ -21,8 +21,9 @@ class ClientPool:
     """Hands out one :class:`ASAPClient` per peer URL, each peer's clients sharing one
     transport stack (keep-alive connections, retries, that peer's circuit breaker).
 
-    One pool per peer keeps httpcore's per-request scan of idle connections short when an
-    orchestration fans out to many peers at once. Opened and closed by the server's lifespan;
+    Each peer has its own connection pool (:mod:`asap.transport.network`), so a slow or
+    failing peer does not hold the connections of the others. Opened and closed by the
+    server's lifespan;
     skills reach it as ``ctx.client``. Retries and breaker changes are counted in ``metrics``
     (the agent's) when given.
     """

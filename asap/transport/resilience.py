@@ -28,6 +28,7 @@ import orjson
 from asap.errors import ASAPTimeoutError, CircuitOpenError
 from asap.observability.logging import get_logger
 from asap.transport.circuit_breaker import CircuitBreaker, CircuitState
+from asap.transport.network import network_transport
 
 if TYPE_CHECKING:
     from asap.observability.metrics import Metrics
@@ -274,7 +275,7 @@ def resilient_transport(
     With ``metrics`` (the agent's, for its client pool) retries and breaker changes are
     counted there.
     """
-    network = inner or httpx.AsyncHTTPTransport(limits=limits or httpx.Limits())
+    network = inner or network_transport(limits)
     stack: httpx.AsyncBaseTransport = RetryTransport(network, config, metrics=metrics)
     if config.circuit_breaker_enabled:
         stack = CircuitBreakerTransport(
