@@ -123,6 +123,7 @@ class ASAPClient:
         if auth_token:
             self._headers["authorization"] = f"Bearer {auth_token}"
         self._ids = itertools.count(1)
+        self._urls: dict[str, httpx.URL] = {}
 
     def __repr__(self) -> str:
         return f"ASAPClient({self.base_url!r})"
@@ -207,6 +208,12 @@ class ASAPClient:
                 "Client not connected: use 'async with ASAPClient(...) as client'"
             )
 
+        parsed = self._urls.get(url)
+        if parsed is None:  # parsing costs a third of building a request: once per URL
+            parsed = httpx.URL(url)
+            if len(self._urls) < 64:
+                self._urls[url] = parsed
+
         def build() -> httpx.Request:
             remaining = max(deadline - time.monotonic(), 0.001)
             body, headers = encode() if encode is not None else (b"", {})
@@ -223,7 +230,7 @@ class ASAPClient:
                 extensions[REBUILD_EXTENSION] = build
             return httpx.Request(
                 method,
-                url,
+                parsed,
                 content=body if method == "POST" else None,
                 headers={**self._headers, **headers},
                 extensions=extensions,
