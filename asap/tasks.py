@@ -406,7 +406,7 @@ class TaskManager:
         assert self.storage is not None
         unsaved = self._unpend(task_id)
         if unsaved is not None:
-            unsaved.status, unsaved.result = status, result
+            unsaved.status, unsaved.result, unsaved.updated_at = status, result, time.time()
             self.outbox[task_id] = unsaved
             if self._flusher is None or self._flusher.done():
                 self._flusher = asyncio.create_task(self.flush(), name="asap-task-outbox")

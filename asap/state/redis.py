@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 
 import orjson
 
-from asap.errors import ASAPError, ConfigurationError
+from asap.errors import ConfigurationError
 from asap.models.base import utc_now
 from asap.models.entities import StateSnapshot
 from asap.models.enums import TaskStatus
@@ -51,6 +51,7 @@ from asap.state.store import (
     to_json,
 )
 from asap.transport.idempotency import (
+    Heartbeat,
     IdempotencyRecord,
     SharedIdempotencyStore,
     key_reused,
@@ -437,49 +438,6 @@ class RedisTaskStore(TaskStore):
     async def aclose(self) -> None:
         """Close the shared connection (once for the three stores)."""
         await self._conn.aclose()
-
-
-class Heartbeat:
-    """Extends a claim every ``period`` seconds until stopped (``_keep_claim``, cheaper).
-
-    Until a beat is due it is only a timer, so a computation shorter than ``period`` (nearly
-    all of them) costs a timer rather than a task; each beat runs as a task that arms the next.
-    """
-
-    def __init__(self, key: str, period: float, extend: Callable[[], Awaitable[object]]) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._key, self._period, self._extend = key, period, extend
-        self._task: asyncio.Task[None] | None = None
-        self._timer: asyncio.TimerHandle | None = self._loop.call_later(period, self._beat)
-        self._stopped = False
-
-    def _beat(self) -> None:
-        self._timer = None
-        self._task = self._loop.create_task(self._run())
-
-    async def _run(self) -> None:
-        try:
-            await self._extend()
-        except ASAPError as exc:  # storage trouble: the next beat may get through
-            warn("idempotency_heartbeat_failed", key=self._key, error=str(exc))
-        self._task = None
-        if not self._stopped:
-            self._timer = self._loop.call_later(self._period, self._beat)
-
-    def cancel(self) -> None:
-        """Stop beating (a beat in flight is cancelled)."""
-        self._stopped = True
-        if self._timer is not None:
-            self._timer.cancel()
-        if self._task is not None:
-            self._task.cancel()
-
-    async def stop(self) -> None:
-        """Stop beating and wait until a beat in flight has ended."""
-        task = self._task
-        self.cancel()
-        if task is not None:
-            await asyncio.wait([task])
 
 
 class RedisIdempotencyStore(SharedIdempotencyStore):

@@ -45,6 +45,7 @@ from asap.state.store import (
     to_json,
 )
 from asap.transport.idempotency import (
+    Heartbeat,
     IdempotencyRecord,
     SharedIdempotencyStore,
     key_reused,
@@ -585,14 +586,13 @@ class SQLiteIdempotencyStore(SharedIdempotencyStore):
     async def _compute(
         self, key: str, token: str, compute: Callable[[], Awaitable[IdempotencyRecord]]
     ) -> IdempotencyRecord:
-        heartbeat = asyncio.create_task(
-            self._keep_claim(
-                key,
-                lambda: self._db.execute(
-                    "UPDATE idempotency SET expires = ? WHERE key = ? AND token = ?",
-                    *(time.time() + self.takeover, key, token),
-                ),
-            )
+        heartbeat = Heartbeat(
+            key,
+            self.takeover / 3,
+            lambda: self._db.execute(
+                "UPDATE idempotency SET expires = ? WHERE key = ? AND token = ?",
+                *(time.time() + self.takeover, key, token),
+            ),
         )
         try:
             record = await compute()
@@ -606,8 +606,7 @@ class SQLiteIdempotencyStore(SharedIdempotencyStore):
             except StorageError as exc:  # the row expires after `takeover` anyway
                 warn("idempotency_release_failed", key=key, error=str(exc))
             raise
-        heartbeat.cancel()
-        await asyncio.wait([heartbeat])
+        await heartbeat.stop()
         done = await self._db.execute(
             "UPDATE idempotency SET state = 'done', record = ?, expires = ?, token = NULL "
             "WHERE key = ? AND token = ?",

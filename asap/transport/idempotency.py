@@ -26,6 +26,7 @@ __all__ = [
     "IdempotencyRecord",
     "IdempotencyStore",
     "MemoryIdempotencyStore",
+    "Heartbeat",
     "SharedIdempotencyStore",
     "key_reused",
 ]
@@ -163,6 +164,50 @@ def warn(event: str, **values: Any) -> None:
     get_logger("asap.idempotency").warning(event, **values)
 
 
+class Heartbeat:
+    """Extends a claim (``extend``) every ``period`` seconds until stopped: what keeps a
+    running claim of the shared stores alive.
+
+    Until a beat is due it is only a timer, so a computation shorter than ``period`` (nearly
+    all of them) costs a timer rather than a task; each beat runs as a task that arms the next.
+    """
+
+    def __init__(self, key: str, period: float, extend: Callable[[], Awaitable[object]]) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._key, self._period, self._extend = key, period, extend
+        self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = self._loop.call_later(period, self._beat)
+        self._stopped = False
+
+    def _beat(self) -> None:
+        self._timer = None
+        self._task = self._loop.create_task(self._run())
+
+    async def _run(self) -> None:
+        try:
+            await self._extend()
+        except ASAPError as exc:  # storage trouble: the next beat may get through
+            warn("idempotency_heartbeat_failed", key=self._key, error=str(exc))
+        self._task = None
+        if not self._stopped:
+            self._timer = self._loop.call_later(self._period, self._beat)
+
+    def cancel(self) -> None:
+        """Stop beating (a beat in flight is cancelled)."""
+        self._stopped = True
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._task is not None:
+            self._task.cancel()
+
+    async def stop(self) -> None:
+        """Stop beating and wait until a beat in flight has ended."""
+        task = self._task
+        self.cancel()
+        if task is not None:
+            await asyncio.wait([task])
+
+
 @dataclass
 class _Running:
     """A key this process is working on: duplicates from this process wait on ``future``."""
@@ -183,15 +228,6 @@ class SharedIdempotencyStore(IdempotencyStore):
 
     def __init__(self) -> None:
         self._running: dict[str, _Running] = {}
-
-    async def _keep_claim(self, key: str, extend: Callable[[], Awaitable[object]]) -> None:
-        """Heartbeat: extend the claim on ``key`` every ``takeover / 3`` s while computing."""
-        while True:
-            await asyncio.sleep(self.takeover / 3)
-            try:
-                await extend()
-            except ASAPError as exc:  # storage trouble: the next beat may get through
-                warn("idempotency_heartbeat_failed", key=key, error=str(exc))
 
     async def run_once(
         self,
