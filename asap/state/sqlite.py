@@ -564,24 +564,26 @@ class SQLiteIdempotencyStore(SharedIdempotencyStore):
     def _claim(
         self, conn: sqlite3.Connection, key: str, fp: str, token: str, now: float
     ) -> tuple[str, str, str | None]:
-        """Take ``key`` (``claimed``) or say what holds it: (state, fingerprint, record)."""
-        with immediate(conn):
-            if now >= self._next_sweep:  # drop every expired row now and then (only this thread)
-                self._next_sweep = now + min(self.ttl, 60.0)
-                conn.execute("DELETE FROM idempotency WHERE expires <= ?", (now,))
-            else:
-                conn.execute("DELETE FROM idempotency WHERE key = ? AND expires <= ?", (key, now))
-            cursor = conn.execute(
-                "INSERT OR IGNORE INTO idempotency (key, fingerprint, state, token, expires) "
-                "VALUES (?, ?, 'pending', ?, ?)",
-                (key, fp, token, now + self.takeover),
-            )
-            if cursor.rowcount == 1:
-                return "claimed", fp, None
-            state, owner, text = conn.execute(
-                "SELECT state, fingerprint, record FROM idempotency WHERE key = ?", (key,)
-            ).fetchone()
-            return state, owner, text
+        """Take ``key`` (``claimed``) or say what holds it: (state, fingerprint, record).
+
+        One statement (its own transaction) claims a free or expired key; expired rows are
+        swept now and then."""
+        if now >= self._next_sweep:  # drop every expired row now and then (only this thread)
+            self._next_sweep = now + min(self.ttl, 60.0)
+            conn.execute("DELETE FROM idempotency WHERE expires <= ?", (now,))
+        cursor = conn.execute(
+            "INSERT INTO idempotency (key, fingerprint, state, token, record, expires) "
+            "VALUES (?, ?, 'pending', ?, NULL, ?) ON CONFLICT (key) DO UPDATE SET "
+            "fingerprint = excluded.fingerprint, state = 'pending', token = excluded.token, "
+            "record = NULL, expires = excluded.expires WHERE idempotency.expires <= ?",
+            (key, fp, token, now + self.takeover, now),
+        )
+        if cursor.rowcount == 1:
+            return "claimed", fp, None
+        row = conn.execute(
+            "SELECT state, fingerprint, record FROM idempotency WHERE key = ?", (key,)
+        ).fetchone()
+        return row if row is not None else ("absent", "", None)
 
     async def _compute(
         self, key: str, token: str, compute: Callable[[], Awaitable[IdempotencyRecord]]
