@@ -17,6 +17,8 @@ from typing import Any
 import orjson
 import structlog
 
+from asap.models.base import utc_timestamp
+
 __all__ = [
     "bind_context",
     "clear_context",
@@ -39,11 +41,21 @@ def protect(secrets: Iterable[str] = (), keys: Iterable[str] = ()) -> None:
     global _secrets, _sensitive_keys
     _secrets = tuple(sorted({*_secrets, *(s for s in secrets if s)}, key=len, reverse=True))
     _sensitive_keys = tuple(dict.fromkeys([*_sensitive_keys, *(k.lower() for k in keys if k)]))
+    _sensitive.clear()
+
+
+_sensitive: dict[str, bool] = {}
+"""Whether each key seen is sensitive: log lines use the same few keys over and over."""
 
 
 def _is_sensitive(key: str) -> bool:
-    lowered = key.lower()
-    return any(part in lowered for part in _sensitive_keys)
+    known = _sensitive.get(key)
+    if known is None:
+        lowered = key.lower()
+        known = any(part in lowered for part in _sensitive_keys)
+        if len(_sensitive) < 4096:
+            _sensitive[key] = known
+    return known
 
 
 def _scrub(line: str) -> str:
@@ -68,12 +80,38 @@ def sanitize_for_logging(value: Any) -> Any:
 
 
 def _redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    for key in list(event_dict):
+    for key, value in event_dict.items():
         if _is_sensitive(key):
             event_dict[key] = _REDACTED
-        elif isinstance(event_dict[key], Mapping):
-            event_dict[key] = sanitize_for_logging(event_dict[key])
+        elif isinstance(value, dict) or (
+            not isinstance(value, str | int | float) and isinstance(value, Mapping)
+        ):
+            event_dict[key] = sanitize_for_logging(value)
     return event_dict
+
+
+def _add_timestamp(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> Any:
+    event_dict["timestamp"] = utc_timestamp()  # as structlog's ISO UTC stamper, cheaper
+    return event_dict
+
+
+class _RecordFormatter(logging.Formatter):
+    """Standard library records (uvicorn's access and error logs) through our processors
+    and renderer: the event is the formatted message, plus ``logger`` and ``level``.
+    Cheaper than structlog's ``ProcessorFormatter``, which copies every record."""
+
+    def __init__(self, processors: list[Any], render: Any) -> None:
+        super().__init__()
+        self.processors, self.render = processors, render
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = record.levelname.lower()
+        event: Any = {"event": record.getMessage(), "logger": record.name, "level": level}
+        if record.exc_info:
+            event["exc_info"] = record.exc_info
+        for processor in self.processors:
+            event = processor(None, level, event)
+        return str(self.render(None, level, event))
 
 
 class _StdoutLogger:
@@ -140,7 +178,7 @@ def configure_logging(
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _add_timestamp,
         add_service,
         _redact,
     ]
@@ -165,12 +203,7 @@ def configure_logging(
     )
 
     handler = _StdoutHandler()
-    handler.setFormatter(
-        structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
-        )
-    )
+    handler.setFormatter(_RecordFormatter(shared, renderer))
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(numeric_level)
