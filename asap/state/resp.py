@@ -79,7 +79,7 @@ def encode(args: Sequence[Arg]) -> bytes:
     return b"".join(out)
 
 
-def parse(buf: bytes, pos: int) -> tuple[Any, int]:
+def parse(buf: bytes | bytearray, pos: int) -> tuple[Any, int]:
     """The reply starting at ``pos`` and where the next one starts; ``_NeedMore`` if cut short.
 
     An error reply is returned as a :class:`ReplyError` (inside an array too), not raised.
@@ -124,7 +124,9 @@ class _Protocol(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._waiting: deque[tuple[asyncio.Future[Any], float]] = deque()
         self._outgoing: list[bytes] = []
-        self._buffer = b""
+        self._buffer = bytearray()
+        """The start of a reply still coming (appended in place: a large value arrives in
+        many chunks, and copying the whole buffer for each would be quadratic)."""
         self._timer: asyncio.TimerHandle | None = None
         self.error: RedisError | None = None
         """Set once the connection is unusable: why."""
@@ -153,7 +155,10 @@ class _Protocol(asyncio.Protocol):
             self._transport.write(data)
 
     def data_received(self, data: bytes) -> None:
-        buf = self._buffer + data if self._buffer else data
+        buf: bytes | bytearray = data
+        if self._buffer:
+            self._buffer += data
+            buf = self._buffer
         pos, size, waiting = 0, len(buf), self._waiting
         try:
             while pos < size:
@@ -172,7 +177,9 @@ class _Protocol(asyncio.Protocol):
         except (ValueError, UnicodeDecodeError) as exc:
             self.fail(RedisError(f"Redis protocol error from {self._where}: {exc}"))
             return
-        self._buffer = buf[pos:] if pos < size else b""
+        if pos == 0 and buf is self._buffer:
+            return  # still inside the same reply
+        self._buffer = bytearray(buf[pos:]) if pos < size else bytearray()
 
     def _check_timeout(self) -> None:
         self._timer = None
