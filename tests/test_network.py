@@ -52,6 +52,19 @@ async def http_server(reply: Callable[[bytes], bytes | None]) -> AsyncIterator[d
         await server.wait_closed()
 
 
+@asynccontextmanager
+async def serving(
+    reply: Callable[[bytes], bytes | None],
+) -> AsyncIterator[tuple[AiohttpTransport, dict[str, int]]]:
+    """:func:`http_server` and a transport to it (closed afterwards)."""
+    async with http_server(reply) as seen:
+        transport = AiohttpTransport()
+        try:
+            yield transport, seen
+        finally:
+            await transport.aclose()
+
+
 def ok(body: bytes, *headers: str, status: str = "200 OK") -> bytes:
     lines = [f"HTTP/1.1 {status}", f"content-length: {len(body)}", *headers]
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
@@ -77,16 +90,12 @@ async def test_sends_the_request_as_given_and_reuses_the_connection() -> None:
         requests.append(request)
         return ok(b'{"ok":true}', "content-type: application/json")
 
-    async with http_server(reply) as seen:
-        transport = AiohttpTransport()
-        try:
-            for _ in range(5):
-                response = await post(transport, seen["port"], b'{"n":1}')
-                assert response.status_code == 200
-                assert response.json() == {"ok": True}
-                assert response.headers["content-type"] == "application/json"
-        finally:
-            await transport.aclose()
+    async with serving(reply) as (transport, seen):
+        for _ in range(5):
+            response = await post(transport, seen["port"], b'{"n":1}')
+            assert response.status_code == 200
+            assert response.json() == {"ok": True}
+            assert response.headers["content-type"] == "application/json"
     assert seen["connections"] == 1 and seen["requests"] == 5
     head, _, body = requests[0].partition(b"\r\n\r\n")
     lines = head.lower().split(b"\r\n")
@@ -101,12 +110,8 @@ async def test_a_compressed_reply_is_decoded_on_read() -> None:
     def reply(request: bytes) -> bytes:
         return ok(packed, "content-encoding: gzip", "content-type: application/json")
 
-    async with http_server(reply) as seen:
-        transport = AiohttpTransport()
-        try:
-            response = await post(transport, seen["port"])
-        finally:
-            await transport.aclose()
+    async with serving(reply) as (transport, seen):
+        response = await post(transport, seen["port"])
     assert response.json() == {"big": "x" * 5000}
 
 
@@ -114,12 +119,8 @@ async def test_a_redirect_is_returned_not_followed() -> None:
     def reply(request: bytes) -> bytes:
         return ok(b"", "location: http://example.invalid/asap", status="307 Temporary Redirect")
 
-    async with http_server(reply) as seen:
-        transport = AiohttpTransport()
-        try:
-            response = await post(transport, seen["port"])
-        finally:
-            await transport.aclose()
+    async with serving(reply) as (transport, seen):
+        response = await post(transport, seen["port"])
     assert response.status_code == 307 and seen["requests"] == 1
     assert response.headers["location"] == "http://example.invalid/asap"
 
@@ -157,13 +158,9 @@ async def test_no_reply_within_the_read_timeout_is_a_read_timeout() -> None:
 
 
 async def test_a_hang_up_before_the_reply_is_a_transport_error() -> None:
-    async with http_server(lambda request: None) as seen:
-        transport = AiohttpTransport()
-        try:
-            with pytest.raises(httpx.RemoteProtocolError):
-                await post(transport, seen["port"])
-        finally:
-            await transport.aclose()
+    async with serving(lambda request: None) as (transport, seen):
+        with pytest.raises(httpx.RemoteProtocolError):
+            await post(transport, seen["port"])
 
 
 async def test_a_cut_body_is_a_transport_error() -> None:
@@ -190,3 +187,20 @@ async def test_a_closed_transport_refuses_to_send() -> None:
     await transport.aclose()
     with pytest.raises(httpx.ConnectError):
         await post(transport, free_port())
+
+
+def test_an_agent_loads_aiohttp_only_when_it_calls_another() -> None:
+    """aiohttp is about 9 MB of resident memory: an agent that never calls a peer (most
+    workers) does not import it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, asap.server\n"
+        "from asap.transport.pool import ClientPool\n"
+        "from asap.transport.resilience import RetryConfig\n"
+        "ClientPool(RetryConfig()).get('http://127.0.0.1:9')\n"
+        "print('aiohttp' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.split() == ["False"], done.stderr
