@@ -278,10 +278,10 @@ async def test_finished_tasks_are_purged_after_the_retention(
         assert cancelled["status"] == "cancelled"
 
 
-async def test_retention_zero_keeps_finished_tasks_forever(agent: httpx.AsyncClient) -> None:
-    manager = manager_of(agent)
-    old = TaskRecord(
-        id="task_finished_long_ago",
+def finished_long_ago(task_id: str) -> TaskRecord:
+    """An echo task that completed in 1970: past any retention."""
+    return TaskRecord(
+        id=task_id,
         conversation_id="c",
         skill_id="echo",
         sender="urn:asap:agent:x",
@@ -291,6 +291,11 @@ async def test_retention_zero_keeps_finished_tasks_forever(agent: httpx.AsyncCli
         created_at=1.0,
         updated_at=1.0,
     )
+
+
+async def test_retention_zero_keeps_finished_tasks_forever(agent: httpx.AsyncClient) -> None:
+    manager = manager_of(agent)
+    old = finished_long_ago("task_finished_long_ago")
     await manager.storage.tasks.create(old)
     manager.settings = manager.settings.with_overrides(task_retention_seconds=0)
     await manager._tick()
@@ -313,15 +318,7 @@ async def test_a_failing_purge_does_not_stop_the_lease_loop(
     monkeypatch.setattr(tasks_module, "_log", events)
     async with serve_in_process(app) as client:
         manager = app.state.dispatcher.tasks
-        old = TaskRecord(
-            id="task_old",
-            conversation_id="c",
-            skill_id="echo",
-            sender="urn:asap:agent:x",
-            status=TaskStatus.COMPLETED,
-            request=task("echo", {})["params"]["envelope"],
-            updated_at=1.0,
-        )
+        old = finished_long_ago("task_old")
         conn = sqlite3.connect(path)
         try:
             conn.execute("DROP INDEX tasks_finished")
