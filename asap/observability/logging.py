@@ -83,11 +83,14 @@ def _redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMap
     for key, value in event_dict.items():
         if _is_sensitive(key):
             event_dict[key] = _REDACTED
-        elif isinstance(value, dict) or (
-            not isinstance(value, str | int | float) and isinstance(value, Mapping)
-        ):
+        elif type(value) not in _PLAIN and isinstance(value, Mapping):
             event_dict[key] = sanitize_for_logging(value)
     return event_dict
+
+
+_PLAIN = frozenset({str, int, float, bool, type(None)})
+"""Types of most logged values: nothing inside them to redact (checked before the slower
+``Mapping`` test)."""
 
 
 def _add_timestamp(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> Any:
