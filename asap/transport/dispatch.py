@@ -183,10 +183,9 @@ class Dispatcher:
             envelope, source = await self.prepare(frame, meta)
             payload_key = envelope.payload_key
             params_key = frame["params"].get("idempotency_key")
-            if isinstance(params_key, str) and params_key:
-                meta = replace(meta, idempotency_key=params_key, source=source)
-            else:
-                meta = replace(meta, source=source)
+            if not (isinstance(params_key, str) and params_key):
+                params_key = meta.idempotency_key
+            meta = replace(meta, idempotency_key=params_key, source=source)
             reply = await self.dispatch(envelope, meta)
             self.count(payload_key, started)
             return success_reply(reply, request_id)
