@@ -38,7 +38,11 @@ from asap.errors import (
 from asap.models.entities import HealthStatus, Manifest
 from asap.models.envelope import Envelope
 from asap.models.ids import generate_id
-from asap.models.payloads import CORRELATED_PAYLOAD_TYPES, TaskRequest, TaskRequestConfig
+from asap.models.payloads import (
+    CORRELATED_PAYLOAD_TYPES,
+    TaskRequestConfig,
+    normalize_payload_type,
+)
 from asap.observability.logging import get_logger
 from asap.transport.network import network_transport
 from asap.transport.resilience import (
@@ -287,8 +291,9 @@ class ASAPClient:
         reply raises :class:`RemoteRPCError` with its code, message, data and recoverability.
         """
         deadline = self._deadline(timeout)
+        wire = envelope.model_dump(mode="json")
         if timeout is not None or current_deadline.get() is not None:
-            envelope = _with_deadline(envelope, deadline)
+            _set_deadline(wire, deadline)
         config = getattr(envelope.payload, "config", None)
         idempotency_key = (
             idempotency_key or getattr(config, "idempotency_key", None) or generate_id()
@@ -297,7 +302,7 @@ class ASAPClient:
             "jsonrpc": "2.0",
             "method": "asap.send",
             "params": {
-                "envelope": envelope.model_dump(mode="json"),
+                "envelope": wire,
                 "idempotency_key": idempotency_key,
             },
             "id": f"req-{next(self._ids)}",
@@ -346,17 +351,20 @@ class ASAPClient:
         if not envelopes:
             raise ValueError("batch() needs at least one envelope")
         deadline = self._deadline(timeout)
-        if timeout is not None or current_deadline.get() is not None:
-            envelopes = [_with_deadline(envelope, deadline) for envelope in envelopes]
-        frames = [
-            {
-                "jsonrpc": "2.0",
-                "method": "asap.send",
-                "params": {"envelope": envelope.model_dump(mode="json")},
-                "id": envelope.id,
-            }
-            for envelope in envelopes
-        ]
+        limited = timeout is not None or current_deadline.get() is not None
+        frames = []
+        for envelope in envelopes:
+            wire = envelope.model_dump(mode="json")
+            if limited:
+                _set_deadline(wire, deadline)
+            frames.append(
+                {
+                    "jsonrpc": "2.0",
+                    "method": "asap.send",
+                    "params": {"envelope": wire},
+                    "id": wire["id"],
+                }
+            )
         # The reference server cannot read a compressed batch (spec 3.7): send it plain.
         response = await self._post("/asap", self._frames(frames, {}, compress=False), deadline)
         data = _decode_json(response)
@@ -422,18 +430,25 @@ class ASAPClient:
             raise MalformedEnvelopeError(f"Malformed health status from {root}: {exc}") from exc
 
 
-def _with_deadline(envelope: Envelope, deadline: float) -> Envelope:
+def _set_deadline(wire: dict[str, Any], deadline: float) -> None:
     """Tell the remote how long a task may run: at most the time we will wait (whole seconds,
-    at least 1, as ``TaskRequest.config.timeout_seconds`` is an integer)."""
-    request = envelope.payload
-    if not isinstance(request, TaskRequest):
-        return envelope
+    at least 1, as ``TaskRequest.config.timeout_seconds`` is an integer). Applied to the wire
+    form: three model copies per request cost more than the rest of building it."""
+    payload = wire.get("payload")
+    if normalize_payload_type(wire.get("payload_type", "")) != "taskrequest" or not isinstance(
+        payload, dict
+    ):
+        return
     budget = max(1, int(deadline - time.monotonic()))
-    config = request.config or TaskRequestConfig()
-    if config.timeout_seconds is not None and config.timeout_seconds <= budget:
-        return envelope
-    config = config.model_copy(update={"timeout_seconds": budget})
-    return envelope.model_copy(update={"payload": request.model_copy(update={"config": config})})
+    config = payload.get("config") or _EMPTY_CONFIG
+    given = config.get("timeout_seconds")
+    if given is not None and given <= budget:
+        return
+    payload["config"] = {**config, "timeout_seconds": budget}
+
+
+_EMPTY_CONFIG = TaskRequestConfig().model_dump(mode="json")
+"""The wire form of a request without config (every field, as the models write it)."""
 
 
 def _http_status_error(url: str, response: httpx.Response) -> ASAPConnectionError:
