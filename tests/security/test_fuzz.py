@@ -62,6 +62,7 @@ import orjson
 import pytest
 
 from asap.process import AgentProcess
+from tests.conftest import asap_send
 
 pytestmark = pytest.mark.e2e
 
@@ -1644,23 +1645,6 @@ def read_log(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     return entries, problems
 
 
-def echo_request(message: str) -> dict[str, Any]:
-    return {
-        "jsonrpc": "2.0",
-        "method": "asap.send",
-        "params": {
-            "envelope": {
-                "asap_version": "0.1",
-                "sender": SENDER,
-                "recipient": AGENT_ID,
-                "payload_type": "task.request",
-                "payload": {"conversation_id": "c", "skill_id": "echo", "input": {"m": message}},
-            }
-        },
-        "id": "after-fuzz",
-    }
-
-
 def test_hostile_inputs_leave_a_running_agent_healthy(tmp_path: Path) -> None:
     log_path = tmp_path / "agent.log"
     agent = AgentProcess.uvicorn(
@@ -1701,7 +1685,17 @@ def test_hostile_inputs_leave_a_running_agent_healthy(tmp_path: Path) -> None:
 
         health = httpx.get(agent.url + "/health", timeout=10)
         assert health.status_code == 200 and health.json() == {"status": "ok"}
-        reply = httpx.post(agent.url + "/asap", json=echo_request("still alive"), timeout=10)
+        reply = httpx.post(
+            agent.url + "/asap",
+            json=asap_send(
+                "task.request",
+                {"conversation_id": "c", "skill_id": "echo", "input": {"m": "still alive"}},
+                sender=SENDER,
+                recipient=AGENT_ID,
+                request_id="after-fuzz",
+            ),
+            timeout=10,
+        )
         assert reply.status_code == 200, reply.text
         payload = reply.json()["result"]["envelope"]["payload"]
         assert payload["status"] == "completed"
