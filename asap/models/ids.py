@@ -25,12 +25,11 @@ class _RandomBytes:
     SIZE = 4096
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
         self._reset()
         os.register_at_fork(after_in_child=self._reset)
 
     def _reset(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # new in a child: another thread may have held it
         self._buffer = b""
         self._offset = 0
 
