@@ -95,6 +95,7 @@ class TaskManager:
         self.client: Any = None
         self.peers = settings.peer_urls()
         self.running: dict[str, asyncio.Task[IdempotencyRecord]] = {}
+        metrics.track_in_flight(lambda: len(self.running))
         self.pending: dict[str, TaskRecord] = {}
         """Records of running tasks not stored yet (see :meth:`persist`)."""
         self._pending_since: dict[str, float] = {}
@@ -334,13 +335,15 @@ class TaskManager:
             self._execute(record, spec, resume_from, envelope), name=record.id
         )
         self.running[record.id] = task
-        self.metrics.tasks_in_flight.set(len(self.running))
+        if self.metrics.multiprocess_dir:
+            self.metrics.tasks_in_flight.set(len(self.running))
         task.add_done_callback(lambda _: self._forget(record.id))
         return task
 
     def _forget(self, task_id: str) -> None:
         self.running.pop(task_id, None)
-        self.metrics.tasks_in_flight.set(len(self.running))
+        if self.metrics.multiprocess_dir:
+            self.metrics.tasks_in_flight.set(len(self.running))
         self.listeners.pop(task_id, None)
         self.creating.pop(task_id, None)
 

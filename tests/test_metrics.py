@@ -22,10 +22,17 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
-from asap.observability.metrics import FAN_OUT_BUCKETS, SKILL_BUCKETS, prune_dead_processes
+from asap.observability.metrics import (
+    FAN_OUT_BUCKETS,
+    HOLD_MAX,
+    SKILL_BUCKETS,
+    _observe_all,
+    prune_dead_processes,
+)
 from asap.process import AgentProcess, free_port
 from asap.transport.app import create_app
 from tests.conftest import echo_settings, serve_in_process
@@ -116,6 +123,42 @@ async def test_apps_in_one_process_never_share_counts() -> None:
     assert value(theirs, "asap_requests_total", **labels) == 0
     assert value(theirs, "asap_skill_requests_total", skill="echo", outcome="completed") == 0
     assert value(theirs, "asap_tasks_in_flight") == 0
+
+
+async def test_held_counts_reach_the_metrics_at_a_scrape_and_past_the_hold_limit() -> None:
+    # A single process holds per-request counts in plain Python: none may be lost or added,
+    # whether a scrape asks for them or HOLD_MAX requests push them out in between.
+    settings = echo_settings(rate_limit="off")
+    labels = {"payload_type": "task.request", "status": "success"}
+    async with serve_in_process(create_app(settings)) as agent:
+        for i in range(5):
+            assert task_payload(await agent.post("/asap", json=task_frame("echo", {"i": i})))
+        first = parse((await agent.get("/asap/metrics")).text)
+        for i in range(HOLD_MAX + 7):
+            assert task_payload(await agent.post("/asap", json=task_frame("echo", {"i": i})))
+        second = parse((await agent.get("/asap/metrics")).text)
+    assert value(first, "asap_requests_total", **labels) == 5
+    check_histogram(first, "asap_skill_duration_seconds", 5, skill="echo")
+    total = 5 + HOLD_MAX + 7
+    assert value(second, "asap_requests_total", **labels) == total
+    assert value(second, "asap_requests_success_total", payload_type="task.request") == total
+    assert value(second, "asap_handler_executions_total", payload_type="task.request") == total
+    check_histogram(second, "asap_request_duration_seconds", total, **labels)
+    check_histogram(second, "asap_handler_duration_seconds", total, payload_type="task.request")
+    check_histogram(second, "asap_skill_duration_seconds", total, skill="echo")
+    assert value(second, "asap_skill_duration_seconds_sum", skill="echo") > 0
+
+
+def test_held_latencies_land_in_the_buckets_observe_would_choose() -> None:
+    amounts = [0.0, 0.0005, 0.001, 0.0010001, 0.25, 0.2499, 59.9, 60.0, 61.0, 1e9, 0.003] * 3
+    one_by_one, at_once = CollectorRegistry(), CollectorRegistry()
+    observed = Histogram("h", "h", buckets=SKILL_BUCKETS, registry=one_by_one)
+    held = Histogram("h", "h", buckets=SKILL_BUCKETS, registry=at_once)
+    for amount in amounts:
+        observed.observe(amount)
+    _observe_all(held, amounts[:10])
+    _observe_all(held, amounts[10:])
+    assert generate_latest(at_once) == generate_latest(one_by_one)
 
 
 async def test_timeout_and_cancelled_outcomes() -> None:

@@ -12,15 +12,23 @@ scrape with its own counts only. With ``PROMETHEUS_MULTIPROC_DIR`` set to an emp
 in the environment of every worker before they start, prometheus-client's multiprocess mode
 is used: each process writes its values to files there, and a scrape answered by any worker
 aggregates the files of all of them.
+
+In a single process (the default) the per-request counts and latencies are held in plain
+Python and added to the Prometheus metrics when a scrape asks for them, or every
+:data:`HOLD_MAX` requests: a request then costs a list append instead of a dozen locked
+increments. In multiprocess mode every value is written as it happens, since a scrape may be
+answered by another worker.
 """
 
 from __future__ import annotations
 
 import glob
+import math
 import os
 import re
 import time
-from collections.abc import Iterator
+from bisect import bisect_left
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import (
@@ -69,6 +77,8 @@ SKILL_BUCKETS = (
 """Skill latency from 1 ms (an echo) to 60 s (a long task; longer ones land in +Inf)."""
 FAN_OUT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000)
 """Sub-requests per orchestration, up to the ceiling of steps in a plan."""
+HOLD_MAX = 1024
+"""Requests whose counts a single process holds before adding them to its metrics."""
 CIRCUIT_STATES = {"closed": 0, "half_open": 1, "open": 2}
 """The value of ``asap_circuit_breaker_state`` for each state."""
 
@@ -133,6 +143,44 @@ class _Uptime:
         yield uptime
 
 
+class _Held:
+    """The counters and histograms one kind of request feeds, and the latencies of the
+    requests not yet added to them."""
+
+    __slots__ = ("counters", "histograms", "seconds")
+
+    def __init__(self, counters: tuple[Any, ...], histograms: tuple[Any, ...]) -> None:
+        self.counters, self.histograms = counters, histograms
+        self.seconds: list[float] = []
+
+    def add(self) -> None:
+        seconds, self.seconds = self.seconds, []
+        for counter in self.counters:
+            counter.inc(len(seconds))
+        for histogram in self.histograms:
+            _observe_all(histogram, seconds)
+
+
+def _observe_all(histogram: Any, amounts: list[float]) -> None:
+    """``histogram.observe`` for each amount: one increment per bucket hit and one of the sum
+    through prometheus-client's bucket values when it has them (as it has had for years),
+    else one ``observe`` each."""
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if bounds is None or buckets is None or total is None or len(buckets) != len(bounds):
+        for amount in amounts:
+            histogram.observe(amount)
+        return
+    hits = [0] * len(bounds)
+    for amount in amounts:
+        hits[bisect_left(bounds, amount)] += 1  # the first bound >= amount (+Inf is last)
+    for bucket, count in zip(buckets, hits, strict=True):
+        if count:
+            bucket.inc(count)
+    total.inc(math.fsum(amounts))
+
+
 class Metrics:
     """The counters, histograms and gauges of one agent."""
 
@@ -140,8 +188,9 @@ class Metrics:
         # Labelled children looked up once per label set (label values come from bounded
         # sets: payload types, error classes, registered skills): ``labels()`` costs more
         # than the increment itself, several times per request.
-        self._answered: dict[tuple[str, str | None], tuple[Any, Any, Any]] = {}
-        self._finished: dict[tuple[str, str], tuple[Any, ...]] = {}
+        self._answered: dict[tuple[str, str | None], _Held] = {}
+        self._finished: dict[tuple[str, str], _Held] = {}
+        self._holding = 0
         self.multiprocess_dir = multiprocess_dir()
         if self.multiprocess_dir:
             os.makedirs(self.multiprocess_dir, exist_ok=True)
@@ -281,43 +330,60 @@ class Metrics:
 
     def request_answered(self, payload_type: str, seconds: float, error: str | None) -> None:
         """One JSON-RPC request answered, with the ``error_type`` label of its error if any."""
-        children = self._answered.get((payload_type, error))
-        if children is None:
+        held = self._answered.get((payload_type, error))
+        if held is None:
             status = "success" if error is None else "error"
-            children = (
-                self.requests.labels(payload_type, status),
-                self.request_duration.labels(payload_type, status),
-                self.requests_success.labels(payload_type)
-                if error is None
-                else self.requests_error.labels(payload_type, error),
+            held = _Held(
+                (
+                    self.requests.labels(payload_type, status),
+                    self.requests_success.labels(payload_type)
+                    if error is None
+                    else self.requests_error.labels(payload_type, error),
+                ),
+                (self.request_duration.labels(payload_type, status),),
             )
-            self._answered[(payload_type, error)] = children
-        total, duration, outcome = children
-        total.inc()
-        duration.observe(seconds)
-        outcome.inc()
+            self._answered[(payload_type, error)] = held
+        self._record(held, seconds)
 
     def skill_finished(self, skill: str, outcome: str, seconds: float) -> None:
         """One skill run (a ``task.request``) ended with ``outcome`` after ``seconds``."""
-        children = self._finished.get((skill, outcome))
-        if children is None:
-            children = (
+        held = self._finished.get((skill, outcome))
+        if held is None:
+            counters = [
                 self.handler_executions.labels("task.request"),
-                self.handler_duration.labels("task.request"),
                 self.skill_requests.labels(skill, outcome),
+            ]
+            if outcome in ("failed", "timeout"):
+                counters.append(self.handler_errors.labels("task.request"))
+            histograms = (
+                self.handler_duration.labels("task.request"),
                 self.skill_duration.labels(skill),
-                self.handler_errors.labels("task.request")
-                if outcome in ("failed", "timeout")
-                else None,
             )
-            self._finished[(skill, outcome)] = children
-        executions, duration, by_skill, skill_duration, errors = children
-        executions.inc()
-        duration.observe(seconds)
-        by_skill.inc()
-        skill_duration.observe(seconds)
-        if errors is not None:
-            errors.inc()
+            held = _Held(tuple(counters), histograms)
+            self._finished[(skill, outcome)] = held
+        self._record(held, seconds)
+
+    def _record(self, held: _Held, seconds: float) -> None:
+        held.seconds.append(seconds)
+        if self.multiprocess_dir:  # another worker may answer the next scrape: write now
+            held.add()
+            return
+        self._holding += 1
+        if self._holding >= HOLD_MAX:
+            self.add_held()
+
+    def add_held(self) -> None:
+        """Add the counts and latencies held since the last call to the metrics."""
+        self._holding = 0
+        for held in (*self._answered.values(), *self._finished.values()):
+            if held.seconds:
+                held.add()
+
+    def track_in_flight(self, count: Callable[[], int]) -> None:
+        """``asap_tasks_in_flight`` is ``count()`` at each scrape (in multiprocess mode, the
+        caller sets it on every change instead: a scrape may read another worker's files)."""
+        if not self.multiprocess_dir:
+            self.tasks_in_flight.set_function(count)
 
     def transport_retry(self, target: str, reason: str) -> None:
         """The client sends a request to ``target`` again after ``reason``."""
@@ -334,6 +400,7 @@ class Metrics:
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric (of every worker process in
         multiprocess mode)."""
+        self.add_held()
         if not self.multiprocess_dir:
             return generate_latest(self.registry)
         prune_dead_processes(self.multiprocess_dir)
