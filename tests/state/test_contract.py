@@ -230,6 +230,19 @@ async def test_task_records_are_copied_in_and_out(storage: Storage) -> None:
     assert again is not None and again.progress == {"percent": 5}
 
 
+async def test_a_record_without_a_json_form_is_refused_and_nothing_is_stored(
+    storage: Storage,
+) -> None:
+    with pytest.raises(StorageError, match="not JSON-serializable"):
+        await storage.tasks.create(task(result={"when": object()}))
+    assert await storage.tasks.get("task-1") is None
+    await storage.tasks.create(task())
+    with pytest.raises(StorageError, match="not JSON-serializable"):
+        await storage.tasks.update("task-1", progress={"at": object()})
+    stored = await storage.tasks.get("task-1")
+    assert stored is not None and stored.progress is None
+
+
 async def test_update_is_compare_and_set(storage: Storage) -> None:
     await storage.tasks.create(task(updated_at=0.0))
     assert await storage.tasks.update("task-1", expect=frozenset({WORKING}), status=WORKING) is None
