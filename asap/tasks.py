@@ -11,6 +11,7 @@ under the same task id, any other is marked failed.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import socket
 import time
@@ -80,6 +81,64 @@ def stored_request(envelope: Envelope, source: dict[str, Any] | None) -> dict[st
     return request
 
 
+class Deadlines:
+    """Cancels each running task at its deadline, with one timer for all of them (armed at
+    the earliest deadline): a timer per task (``asyncio.timeout``) cost more than the rest
+    of a short task's bookkeeping. The deadline of a task that ends first is just dropped."""
+
+    def __init__(self) -> None:
+        self._due: dict[str, tuple[float, asyncio.Task[Any]]] = {}
+        self._passed: set[str] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
+
+    def watch(self, task_id: str, seconds: float) -> None:
+        """Cancel the current task ``seconds`` from now unless :meth:`forget` comes first."""
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        at = loop.time() + seconds
+        self._due[task_id] = (at, task)
+        if at < self._timer_at:
+            self._arm(loop, at)
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, at: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer, self._timer_at = loop.call_at(at, self._enforce), at
+
+    def _enforce(self) -> None:
+        self._timer, self._timer_at = None, math.inf
+        loop = asyncio.get_running_loop()
+        now, earliest = loop.time(), math.inf
+        for task_id, (at, task) in list(self._due.items()):
+            if at <= now:
+                del self._due[task_id]
+                if not task.done():
+                    self._passed.add(task_id)
+                    task.cancel()
+            else:
+                earliest = min(earliest, at)
+        if earliest < math.inf:
+            self._arm(loop, earliest)
+
+    def passed(self, task_id: str) -> bool:
+        """Whether the task was cancelled by its deadline."""
+        return task_id in self._passed
+
+    def forget(self, task_id: str) -> bool:
+        """The task ended (called from it): stop watching it. Whether its deadline passed;
+        if so the task takes that cancellation back, as ``asyncio.timeout`` does."""
+        self._due.pop(task_id, None)
+        if task_id not in self._passed:
+            return False
+        self._passed.discard(task_id)
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        return True
+
+
 class TaskManager:
     """Creates, runs, tracks, cancels and resumes the tasks of one agent instance."""
 
@@ -101,6 +160,7 @@ class TaskManager:
         self._pending_since: dict[str, float] = {}
         """When each pending record's task started (loop time, in that order)."""
         self._sweeper: asyncio.TimerHandle | None = None
+        self._deadlines = Deadlines()
         self.creating: dict[str, asyncio.Future[None]] = {}
         self.outbox: dict[str, TaskRecord] = {}
         """Finished tasks never stored yet, being written in batches by :meth:`flush`."""
@@ -451,15 +511,14 @@ class TaskManager:
         args = (task_input, ctx) if spec.takes_context else (task_input,)
         started = time.perf_counter()
         timeout = self.task_timeout(request)
-        deadline_token = current_deadline.set(ctx.deadline)
-        # the task runs in its own context: bound for its lifetime, no reset needed
+        # the task runs in its own context: set and bound for its lifetime, no reset needed
+        current_deadline.set(ctx.deadline)
         bind_contextvars(
             trace_id=envelope.trace_id,
             correlation_id=envelope.id,
             skill_id=spec.id,
             task_id=task_id,
         )
-        limit = asyncio.timeout(timeout)
         attributes = {
             "asap.payload_type": envelope.payload_type,
             "asap.agent.urn": self.agent_id,
@@ -467,42 +526,39 @@ class TaskManager:
             "asap.skill.id": spec.id,
             "asap.task.id": task_id,
         }
+        if timeout:
+            self._deadlines.watch(task_id, timeout)
         try:
             with tracing.span("asap.handler.execute", envelope.extensions, attributes):
-                async with limit:
-                    if spec.is_async:
-                        value = await spec.func(*args)
-                    else:
-                        # A thread cannot be stopped: past the deadline we answer and stop
-                        # waiting, and the thread finishes on its own.
-                        value = await run_in_threadpool(partial(spec.func, *args))
+                if spec.is_async:
+                    value = await spec.func(*args)
+                else:
+                    # A thread cannot be stopped: past the deadline we answer and stop
+                    # waiting, and the thread finishes on its own.
+                    value = await run_in_threadpool(partial(spec.func, *args))
             result = spec.dump_output(value)
             status = TaskStatus.COMPLETED
         except asyncio.CancelledError:
-            _log.info("asap.handler.cancelled")
-            status, result = TaskStatus.CANCELLED, None
-        except TimeoutError as exc:
-            if limit.expired():
+            if not self._deadlines.passed(task_id):
+                _log.info("asap.handler.cancelled")
+                status, result = TaskStatus.CANCELLED, None
+            else:
                 _log.warning("asap.handler.timeout", timeout_seconds=timeout)
-                error = self.deadline_error(spec, timeout)
-            else:  # the skill's own timeout, not our deadline
-                _log.exception("asap.handler.error", error_type=type(exc).__name__)
-                error = self.safe_error(exc)
-            status, result = TaskStatus.FAILED, {"error": error}
+                status, result = TaskStatus.FAILED, {"error": self.deadline_error(spec, timeout)}
         except TaskFailedError as exc:
             _log.warning("asap.handler.failed", error=exc.message)
             error = {"type": type(exc).__name__, "message": exc.message}
             status, result = TaskStatus.FAILED, {"error": error, **exc.result}
-        except Exception as exc:
+        except Exception as exc:  # a TimeoutError here is the skill's own, not our deadline
             _log.exception("asap.handler.error", error_type=type(exc).__name__)
             status, result = TaskStatus.FAILED, {"error": self.safe_error(exc)}
         finally:
-            current_deadline.reset(deadline_token)
+            timed_out = self._deadlines.forget(task_id)
         elapsed = time.perf_counter() - started
         _log.info(
             "asap.request.processed", status=status.value, duration_ms=round(elapsed * 1000, 3)
         )
-        timed_out = status is TaskStatus.FAILED and limit.expired()
+        timed_out = timed_out and status is TaskStatus.FAILED
         self.metrics.skill_finished(spec.id, "timeout" if timed_out else status.value, elapsed)
         return status, result
 

@@ -49,6 +49,14 @@ async def sleep(data: dict[str, Any], ctx: Context) -> dict[str, Any]:
     return {"slept": data.get("seconds", 0)}
 
 
+@skill("own-timeout")
+async def own_timeout(data: dict[str, Any]) -> dict[str, Any]:
+    """Hit a timeout of its own (``asyncio.timeout``), not the task's deadline."""
+    async with asyncio.timeout(float(data.get("seconds", 0.01))):
+        await asyncio.sleep(30)
+    return {}
+
+
 @skill("fail")
 async def fail(data: dict[str, Any]) -> dict[str, Any]:
     """Raise the error described by the input."""

@@ -17,7 +17,17 @@ from tests.conftest import echo_settings, serve_in_process
 
 pytestmark = pytest.mark.anyio
 
-TEST_SKILLS = ["bad-return", "echo", "fail", "greet", "note", "progress", "sleep", "whoami"]
+TEST_SKILLS = [
+    "bad-return",
+    "echo",
+    "fail",
+    "greet",
+    "note",
+    "own-timeout",
+    "progress",
+    "sleep",
+    "whoami",
+]
 """What the test agent serves (skills.echo and tests.agent_skills), sorted."""
 
 

@@ -141,6 +141,37 @@ async def test_a_waiting_caller_sees_the_cancellation(agent: httpx.AsyncClient) 
     assert payload(await waiting)["status"] == "cancelled"
 
 
+async def test_each_task_is_cancelled_at_its_own_deadline(agent: httpx.AsyncClient) -> None:
+    # One timer serves every deadline: a later, shorter deadline must still come first, a
+    # task that ends early must not disturb the others, and a skill's own timeout is its own
+    # error, not the deadline.
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+
+    async def run(body: dict[str, Any]) -> tuple[dict[str, Any], float]:
+        done = payload(await call(agent, body))
+        return done, loop.time() - started
+
+    longer = asyncio.create_task(run(task("sleep", {"seconds": 30}, timeout_seconds=2)))
+    quick = asyncio.create_task(run(task("sleep", {"seconds": 0.1}, timeout_seconds=1)))
+    shorter = asyncio.create_task(run(task("sleep", {"seconds": 30}, timeout_seconds=1)))
+    own = asyncio.create_task(run(task("own-timeout", {"seconds": 0.05}, timeout_seconds=5)))
+    (
+        (long_reply, long_at),
+        (quick_reply, _),
+        (short_reply, short_at),
+        (own_reply, _),
+    ) = await asyncio.gather(longer, quick, shorter, own)
+    assert quick_reply["status"] == "completed"
+    for reply in (long_reply, short_reply):
+        assert reply["status"] == "failed"
+        assert reply["result"]["error"]["type"] == "ASAPTimeoutError"
+    assert 1 <= short_at < long_at and long_at >= 2
+    assert own_reply["status"] == "failed"
+    assert own_reply["result"]["error"]["type"] == "TimeoutError"
+    assert not manager_of(agent)._deadlines._due  # nothing left watched
+
+
 async def test_unknown_tasks_are_32010(agent: httpx.AsyncClient) -> None:
     for body in (
         frame("task.cancel", {"task_id": "task_nope"}),

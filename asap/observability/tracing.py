@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 __all__ = ["current_span_id", "setup_tracing", "span"]
@@ -79,17 +79,24 @@ def setup_tracing(service_name: str) -> bool:
     return True
 
 
-@contextmanager
+_OFF = nullcontext()
+
+
 def span(
     name: str, extensions: dict[str, Any] | None, attributes: dict[str, Any]
-) -> Iterator[None]:
+) -> AbstractContextManager[None]:
     """A span under the caller's hop in ``extensions``; nothing when tracing is off."""
-    if _tracer is None:
-        yield
-        return
+    return _OFF if _tracer is None else _span(name, extensions, attributes)
+
+
+@contextmanager
+def _span(
+    name: str, extensions: dict[str, Any] | None, attributes: dict[str, Any]
+) -> Iterator[None]:
     from opentelemetry import trace
     from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
+    assert _tracer is not None
     context = None
     trace_id, span_id = (extensions or {}).get("trace_id"), (extensions or {}).get("span_id")
     if isinstance(trace_id, str) and len(trace_id) == 32:
