@@ -246,6 +246,9 @@ class Dispatcher:
 
         raw = parse_frame(frame, authenticate if self.auth else None)
         join_trace(raw, meta)
+        stamped = raw.get("timestamp") is None
+        if stamped:  # given now (spec 1.2), as text: the stored request needs no formatting
+            raw["timestamp"] = utc_timestamp()
         try:
             envelope = Envelope.model_validate(raw)
         except ValidationError as exc:
@@ -256,7 +259,8 @@ class Dispatcher:
             self.metrics.sender_mismatch.inc()
             _log.info("asap.request.sender_mismatch", sender=envelope.sender)
             raise sender_mismatch()
-        self.check_timestamp(envelope)
+        if not stamped:  # a timestamp given now needs no check
+            self.check_timestamp(envelope)
         if self.settings.require_nonce:
             await self.check_nonce(envelope)
         return envelope, raw
