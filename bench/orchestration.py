@@ -129,18 +129,21 @@ async def measure(agents: dict[str, AgentProcess], runs: int) -> list[tuple[str,
                 rows.append(
                     (f"parallel x{n}, {label} sub-tasks", await timed(client, request, slow_runs))
                 )
+            # 16 sequential echo steps take tens of ms: as many runs as the rest (the
+            # overhead figure subtracts two medians); 16 x 100 ms steps take 1.6 s each
             request = envelope("orchestrate", plan("sequential", 16, seconds))
+            sequential_runs = runs if seconds == 0 else 3
             rows.append(
                 (
                     f"sequential x16, {label} sub-tasks",
-                    await timed(client, request, max(3, slow_runs // 3)),
+                    await timed(client, request, sequential_runs),
                 )
             )
         request = envelope("orchestrate", plan("sequential", 16, 0, checkpoint=False))
         rows.append(
             (
                 "sequential x16, echo sub-tasks, no checkpoints",
-                await timed(client, request, max(3, runs // 3)),
+                await timed(client, request, runs),
             )
         )
     return rows
