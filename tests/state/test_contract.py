@@ -12,6 +12,7 @@ import json
 import os
 import sqlite3
 import sys
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -25,6 +26,7 @@ from asap.errors import ConfigurationError, InvalidParamsError, InvalidTransitio
 from asap.models.entities import StateSnapshot
 from asap.models.enums import TaskStatus
 from asap.state import open_storage
+from asap.state.sqlite import Database
 from asap.state.store import SnapshotConflictError, Storage, StorageError, TaskRecord
 from asap.transport.idempotency import IdempotencyRecord
 
@@ -457,6 +459,74 @@ async def test_sqlite_memory_url_and_close_twice() -> None:
     await storage.aclose()
     with pytest.raises(StorageError):
         await storage.snapshots.get("t")
+
+
+# -- SQLite group commit ------------------------------------------------------------------------
+
+
+def _insert(conn: sqlite3.Connection, key: str) -> int:
+    return conn.execute("INSERT INTO nonces (key, expires) VALUES (?, 0)", (key,)).rowcount
+
+
+async def _group_of_writes(db: Database, prefix: str) -> list[Any]:
+    # 20 writes in one loop step, one of them a duplicate key (an IntegrityError)
+    writes = [db.write(_insert, f"{prefix}-{i}") for i in range(19)]
+    writes.insert(7, db.write(_insert, f"{prefix}-3"))
+    return await asyncio.gather(*writes, return_exceptions=True)
+
+
+def _stored(path: Path, prefix: str) -> list[str]:
+    with sqlite3.connect(path) as conn:
+        rows = conn.execute("SELECT key FROM nonces WHERE key LIKE ?", (prefix + "-%",))
+        return sorted(key for (key,) in rows)
+
+
+async def test_sqlite_group_commit_rolls_back_only_the_write_that_failed(tmp_path: Path) -> None:
+    db = Database(str(tmp_path / "g.db"), busy_timeout=5)
+    await db.open()
+    try:
+        # the worker thread idle: the group commits on the loop's connection
+        results = await _group_of_writes(db, "idle")
+        assert [r for r in results if not isinstance(r, int)] == [results[7]]
+        assert isinstance(results[7], StorageError) and "UNIQUE" in str(results[7])
+        assert results[:7] + results[8:] == [1] * 19
+        assert _stored(tmp_path / "g.db", "idle") == sorted(f"idle-{i}" for i in range(19))
+
+        # the worker thread busy: the group goes there, behind its work
+        release = threading.Event()
+        busy = asyncio.ensure_future(db.run_in_thread(lambda _: release.wait(10)))
+        await asyncio.sleep(0)
+        group = asyncio.ensure_future(_group_of_writes(db, "busy"))
+        await asyncio.sleep(0.05)
+        assert not group.done()  # queued behind the thread's work
+        release.set()
+        await busy
+        results = await group
+        assert isinstance(results[7], StorageError) and "UNIQUE" in str(results[7])
+        assert results[:7] + results[8:] == [1] * 19
+        assert _stored(tmp_path / "g.db", "busy") == sorted(f"busy-{i}" for i in range(19))
+    finally:
+        await db.aclose()
+
+
+async def test_sqlite_group_commit_waits_for_another_process_lock(tmp_path: Path) -> None:
+    path = tmp_path / "l.db"
+    db = Database(str(path), busy_timeout=5)
+    await db.open()
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        group = asyncio.ensure_future(_group_of_writes(db, "locked"))
+        await asyncio.sleep(0.1)
+        assert not group.done()
+        assert _stored(path, "locked") == []
+        other.execute("COMMIT")
+        results = await asyncio.wait_for(group, 5)
+        assert isinstance(results[7], StorageError)
+        assert _stored(path, "locked") == sorted(f"locked-{i}" for i in range(19))
+    finally:
+        other.close()
+        await db.aclose()
 
 
 async def test_redis_errors_become_storage_errors() -> None:
