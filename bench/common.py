@@ -353,7 +353,14 @@ def machine() -> dict[str, str]:
 # ---------------------------------------------------------------- what is benchmarked
 
 MAIN = ["ours", "ours-prod", "reference", "bare"]  # measured at every --concurrency level
-SINGLE = ["ours+json-logs", "ours+auth", "ours+redis-idempotency"]  # at --feature-concurrency
+SINGLE = [  # at --feature-concurrency
+    "ours+json-logs",
+    "ours+auth",
+    "ours+redis-idempotency",
+    "ours+idempotency",
+]
+PROD_FEATURES = ["ours+json-logs", "ours+auth", "ours+redis-idempotency"]
+"""The single features ours-prod combines."""
 ORDER = MAIN + SINGLE
 # `ours` plus production features; each single-feature target adds one, ours-prod all of them.
 FEATURES: dict[str, tuple[str, ...]] = {
@@ -362,6 +369,7 @@ FEATURES: dict[str, tuple[str, ...]] = {
     "ours+json-logs": ("json-logs",),
     "ours+auth": ("auth",),
     "ours+redis-idempotency": ("redis-idempotency",),
+    "ours+idempotency": ("idempotency",),
 }
 AGENT = "urn:asap:agent:bench"  # the sender of bench/post.lua's envelope
 NOTES = {
@@ -377,6 +385,9 @@ NOTES = {
     "ours+redis-idempotency": "ours + ASAP_STORAGE_URL on the local Redis (task records and "
     "rate-limit windows move there too) + a unique X-Idempotency-Key per request (a "
     "stored outcome per request)",
+    "ours+idempotency": "ours + a unique X-Idempotency-Key per request on the default SQLite "
+    "storage (a stored outcome per request): what every call between our agents does, as our "
+    "clients key every request",
     "reference": "run as shipped: its CLI calls uvicorn.run() with defaults, so the access log "
     "is on and, without uvloop/httptools in its venv, it runs on asyncio + h11; "
     "ASAP_RATE_LIMIT lifts its default 10/second;100/minute limit (429s otherwise)",
@@ -420,7 +431,7 @@ def make_target(name: str, scratch: Path, run_id: str, redis_url: str, token: st
             cwd,
             hint="is asap.server:app implemented yet?",
             token=token if "auth" in features else "",
-            idempotency="redis-idempotency" in features,
+            idempotency=bool({"idempotency", "redis-idempotency"} & set(features)),
             redis_prefix=prefix,
         )
     if name == "bare":

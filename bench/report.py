@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from common import PROD_FEATURES, SINGLE
+
 GOAL_LEVEL = 16  # the figures are at 16 connections
 ERROR_LEVEL = 64  # "no errors at c64"
 BARE_SHARE, REFERENCE_TIMES, P99_MS, PROD_COST = 0.5, 15.0, 5.0, 0.30
@@ -82,7 +84,7 @@ def throughput(res: dict[str, Any]) -> list[str]:
 
 
 def feature_cost(res: dict[str, Any]) -> list[str]:
-    names = ["ours", "ours+json-logs", "ours+auth", "ours+redis-idempotency", "ours-prod"]
+    names = ["ours", *SINGLE, "ours-prod"]
     out: list[str] = []
     for c in res["settings"]["feature_levels"]:
         base = level(res, "ours", c)
@@ -106,13 +108,14 @@ def feature_cost(res: dict[str, Any]) -> list[str]:
                 f"| {'' if redis is None else f'{redis:,.0f}'} | {fmt_ms(x['p99'])} "
                 f"| {x['errors']} |"
             )
-        singles = [x["cpu_us"] - base["cpu_us"] for n, x in rows if n.startswith("ours+")]
+        singles = [x["cpu_us"] - base["cpu_us"] for n, x in rows if n in PROD_FEATURES]
         prod = level(res, "ours-prod", c)
         if prod and len(singles) == 3:
+            added = prod["cpu_us"] - base["cpu_us"]
             out += [
                 "",
-                f"The three single features add {sum(singles):+,.0f} µs of server CPU per "
-                f"request together; ours-prod adds {prod['cpu_us'] - base['cpu_us']:+,.0f} µs.",
+                f"The three single features of ours-prod add {sum(singles):+,.0f} µs of server "
+                f"CPU per request together; ours-prod adds {added:+,.0f} µs.",
             ]
         if prod:
             share = prod["rps"] / base["rps"]

@@ -29,6 +29,7 @@ import secrets
 import shlex
 import shutil
 import signal
+import sqlite3
 import statistics
 import sys
 import tempfile
@@ -103,6 +104,14 @@ def after_run(t: Target, redis: Redis | None) -> None:
             "wrk (wrk leaves out those in flight when a run stops)"
         )
         redis.delete(keys)
+    database = t.cwd / "asap-state.db"
+    if t.idempotency and not t.redis_prefix and database.exists():
+        with sqlite3.connect(database) as conn:
+            (records,) = conn.execute("SELECT count(*) FROM idempotency").fetchone()
+        t.checks.append(
+            f"{records:,} idempotency records in SQLite for {t.requests:,} requests counted by "
+            "wrk (wrk leaves out those in flight when a run stops)"
+        )
 
 
 def summarize(t: Target) -> dict[str, Any]:
