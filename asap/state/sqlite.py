@@ -179,7 +179,9 @@ class Database:
     the loop's thread, which does not wait for locks: a commit takes ~0.1 ms, a trip to the
     thread and back can take milliseconds on a busy machine. If another process holds the
     write lock, the call goes to the thread, which waits up to ``busy_timeout``. Calls keep
-    their order: none runs in the loop's thread while earlier ones are queued."""
+    their order: none runs in the loop's thread while earlier ones are queued. Short
+    independent writes (:meth:`write`) are the exception: they are group-committed, many in
+    one transaction."""
 
     def __init__(self, path: str, busy_timeout: float) -> None:
         self.path = path
@@ -341,11 +343,13 @@ class Database:
             while self._writes:
                 try:
                     done = await loop.run_in_executor(self._executor, self._group_commit)
-                except BaseException as exc:  # the thread failed before any write ran
+                except BaseException as exc:  # no write ran (e.g. the storage closed)
                     done = [(w, None, exc) for w in self._writes]
                     self._writes.clear()
                     _deliver(done)
-                    raise
+                    if not isinstance(exc, Exception):
+                        raise
+                    return
                 _deliver(done)
         finally:
             self._committing = False
