@@ -80,8 +80,12 @@ def sanitize_for_logging(value: Any) -> Any:
 
 
 def _redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    known = _sensitive
     for key, value in event_dict.items():
-        if _is_sensitive(key):
+        sensitive = known.get(key)
+        if sensitive is None:
+            sensitive = _is_sensitive(key)
+        if sensitive:
             event_dict[key] = _REDACTED
         elif type(value) not in _PLAIN and isinstance(value, Mapping):
             event_dict[key] = sanitize_for_logging(value)
