@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, TypeVar, get_type_hints
 
+import orjson
 from pydantic import BaseModel, ValidationError
 
 from asap.errors import ConfigurationError, InvalidParamsError
@@ -72,15 +73,26 @@ class SkillSpec:
             ) from None
 
     def dump_output(self, value: Any) -> dict[str, Any] | None:
-        """Turn a skill's return value into the ``result`` object of a task response."""
-        if value is None or isinstance(value, dict):
-            return value
+        """Turn a skill's return value into the ``result`` object of a task response.
+
+        A dict must have a JSON form (what the reply and the stored task carry): a value such
+        as a set fails the task here, rather than the reply and every later write of the
+        task outbox."""
+        if value is None:
+            return None
         if isinstance(value, BaseModel):
             return value.model_dump(mode="json")
-        raise TypeError(
-            f"skill {self.id!r} returned {type(value).__name__}; "
-            "return a dict, a pydantic model or None"
-        )
+        if not isinstance(value, dict):
+            raise TypeError(
+                f"skill {self.id!r} returned {type(value).__name__}; "
+                "return a dict, a pydantic model or None"
+            )
+        try:
+            orjson.dumps(value)
+        except TypeError as exc:  # orjson.JSONEncodeError
+            message = f"skill {self.id!r} returned a value JSON cannot carry: {exc}"
+            raise TypeError(message) from None
+        return value
 
 
 def _model_of(annotation: Any) -> type[BaseModel] | None:

@@ -55,10 +55,12 @@ _log = get_logger("asap.tasks")
 _skill_log = get_logger("asap.skill")
 ACTIVE = frozenset({TaskStatus.SUBMITTED, TaskStatus.WORKING})
 PERSIST_DELAY = 1.0
-OUTBOX_WINDOW = 0.01
-"""Seconds finished tasks wait in the outbox so that many are written in one transaction."""
 """Seconds a task waited on by its caller runs before its record is stored; a shorter task is
 stored once, finished (one write instead of two). Checkpoints and progress store it at once."""
+OUTBOX_WINDOW = 0.01
+"""Seconds finished tasks wait in the outbox so that many are written in one transaction."""
+STOP_WRITE_ATTEMPTS = 3
+"""Failed writes of the outbox in a row after which a stopping agent gives up on them."""
 
 
 def instance_name() -> str:
@@ -478,8 +480,10 @@ class TaskManager:
         await self.storage.tasks.update(task_id, expect=ACTIVE, status=status, result=result)
 
     async def flush(self) -> None:
-        """Write the outbox until it is empty."""
+        """Write the outbox until it is empty (while stopping, give up after
+        ``STOP_WRITE_ATTEMPTS`` failed writes in a row, naming the tasks not stored)."""
         assert self.storage is not None
+        failures = 0
         while self.outbox:
             if not self._stopping:
                 await asyncio.sleep(OUTBOX_WINDOW)  # gather a batch: one transaction for many
@@ -490,8 +494,14 @@ class TaskManager:
                 await self.storage.tasks.create_many(batch)
             except Exception:
                 _log.exception("asap.tasks.outbox_write_failed", tasks=len(batch))
+                failures += 1
+                if self._stopping and failures >= STOP_WRITE_ATTEMPTS:  # do not hang the stop
+                    _log.error("asap.tasks.outbox_lost", task_ids=[r.id for r in batch])
+                    self.outbox.clear()
+                    return
                 await asyncio.sleep(0.5)
                 continue
+            failures = 0
             for record in batch:
                 if self.outbox.get(record.id) is record:
                     del self.outbox[record.id]

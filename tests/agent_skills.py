@@ -57,6 +57,12 @@ async def own_timeout(data: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
+@skill("not-json")
+async def not_json(data: dict[str, Any]) -> dict[str, Any]:
+    """Return a dict JSON cannot carry (a set inside)."""
+    return {"tags": {"a", "b"}}
+
+
 @skill("fail")
 async def fail(data: dict[str, Any]) -> dict[str, Any]:
     """Raise the error described by the input."""

@@ -22,6 +22,7 @@ TEST_SKILLS = [
     "echo",
     "fail",
     "greet",
+    "not-json",
     "note",
     "own-timeout",
     "progress",

@@ -19,7 +19,7 @@ from asap.errors import ConfigurationError
 from asap.models.enums import TaskStatus
 from asap.settings import Settings
 from asap.state.sqlite import SCHEMA
-from asap.state.store import TaskRecord
+from asap.state.store import StorageError, TaskRecord
 from asap.transport.app import create_app
 from tests.conftest import echo_settings, serve_in_process
 from tests.state.test_contract import REDIS_URL, delete_redis_keys, require_redis
@@ -172,6 +172,42 @@ async def test_each_task_is_cancelled_at_its_own_deadline(agent: httpx.AsyncClie
     assert not manager_of(agent)._deadlines._due  # nothing left watched
 
 
+async def test_a_result_without_a_json_form_fails_its_task_and_no_other(
+    agent: httpx.AsyncClient,
+) -> None:
+    # A set in a skill's result once made the reply -32603 and every later write of the
+    # task outbox fail (no finished task stored again, and the agent hung when stopping).
+    bad = payload(await call(agent, task("not-json", {})))
+    assert bad["status"] == "failed"
+    assert bad["result"]["error"]["type"] == "TypeError"
+    assert "JSON cannot carry" in bad["result"]["error"]["message"]
+    good = payload(await call(agent, task("echo", {"x": 1})))
+    manager = manager_of(agent)
+    for _ in range(400):  # the outbox is written every few ms
+        if not manager.outbox:
+            break
+        await asyncio.sleep(0.01)
+    for task_id, status in ((bad["task_id"], "failed"), (good["task_id"], "completed")):
+        stored = await manager.storage.tasks.get(task_id)
+        assert stored is not None and stored.status.value == status
+
+
+async def test_a_stopping_agent_gives_up_on_an_outbox_it_cannot_write(
+    agent: httpx.AsyncClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manager = manager_of(agent)
+
+    async def broken(records: list[TaskRecord]) -> None:
+        raise StorageError("the disk is gone")
+
+    manager.storage.tasks.create_many = broken  # the storage fails from now on
+    done = payload(await call(agent, task("echo", {"x": 1})))
+    assert done["status"] == "completed"
+    await asyncio.wait_for(manager.stop(), 10)  # three attempts, 0.5 s apart
+    assert not manager.outbox
+    assert "asap.tasks.outbox_lost" in capsys.readouterr().out
+
+
 async def test_unknown_tasks_are_32010(agent: httpx.AsyncClient) -> None:
     for body in (
         frame("task.cancel", {"task_id": "task_nope"}),
@@ -213,7 +249,7 @@ async def test_a_task_whose_owner_vanished_is_taken_over(agent: httpx.AsyncClien
     checkpoint under the same id; others are marked failed."""
     manager = manager_of(agent)
     from asap.models.enums import TaskStatus
-    from asap.state.store import TaskRecord
+    from asap.state.store import StorageError, TaskRecord
 
     def orphan(task_id: str, skill: str, data: dict[str, Any]) -> TaskRecord:
         envelope = task(skill, data)["params"]["envelope"]
