@@ -249,7 +249,7 @@ async def test_a_task_whose_owner_vanished_is_taken_over(agent: httpx.AsyncClien
     checkpoint under the same id; others are marked failed."""
     manager = manager_of(agent)
     from asap.models.enums import TaskStatus
-    from asap.state.store import StorageError, TaskRecord
+    from asap.state.store import TaskRecord
 
     def orphan(task_id: str, skill: str, data: dict[str, Any]) -> TaskRecord:
         envelope = task(skill, data)["params"]["envelope"]
