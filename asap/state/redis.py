@@ -48,6 +48,7 @@ from asap.state.store import (
     TaskStore,
     apply_changes,
     can_claim,
+    load_task,
     to_json,
 )
 from asap.transport.idempotency import (
@@ -311,10 +312,6 @@ class RedisSnapshotStore(SnapshotStore):
     async def aclose(self) -> None:
         """Close the shared connection (once for the three stores)."""
         await self._conn.aclose()
-
-
-def load_task(text: str | bytes) -> TaskRecord:
-    return TaskRecord.from_dict(orjson.loads(text))
 
 
 class RedisTaskStore(TaskStore):

@@ -45,6 +45,7 @@ from asap.state.store import (
     TaskRecord,
     TaskStore,
     apply_changes,
+    load_task,
     to_json,
 )
 from asap.transport.idempotency import (
@@ -509,10 +510,6 @@ class SQLiteSnapshotStore(SnapshotStore):
     async def aclose(self) -> None:
         """Close the shared connection (once for the three stores)."""
         await self._db.aclose()
-
-
-def load_task(text: str) -> TaskRecord:
-    return TaskRecord.from_dict(orjson.loads(text))
 
 
 WRITE_TASK = (

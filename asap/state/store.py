@@ -238,6 +238,11 @@ def to_json(value: Any, what: str) -> str:
         raise StorageError(f"{what} is not JSON-serializable: {exc}") from exc
 
 
+def load_task(text: str | bytes) -> TaskRecord:
+    """A task record from the JSON of its ``to_dict()`` (as every backend stores it)."""
+    return TaskRecord.from_dict(orjson.loads(text))
+
+
 def can_claim(record: TaskRecord, now: float) -> bool:
     """Whether the lease of a submitted or working task ended before ``now``."""
     return (
@@ -301,12 +306,12 @@ class MemorySnapshotStore(SnapshotStore):
 
 class MemoryTaskStore(TaskStore):
     """Task records in this process, kept as JSON: a copy in or out is one orjson call, and
-    the day of finished records kept by default is a few bytes objects per task, which the
-    garbage collector does not walk (as live objects, each full collection over them paused
+    the day of finished records kept by default is one string per task, which the garbage
+    collector does not walk (as live objects, each full collection over them paused
     the agent for tens of milliseconds under load)."""
 
     def __init__(self) -> None:
-        self._tasks: dict[str, bytes] = {}
+        self._tasks: dict[str, str] = {}
         self._finished: list[tuple[float, str]] = []
         """Heap of (updated_at, id) of every terminal record written, for :meth:`purge`
         (an entry whose record changed or went since is skipped there)."""
@@ -314,10 +319,7 @@ class MemoryTaskStore(TaskStore):
         """Ids of the records not finished: what :meth:`expired` looks through."""
 
     def _put(self, record: TaskRecord) -> None:
-        try:
-            self._tasks[record.id] = orjson.dumps(record.to_dict())
-        except TypeError as exc:  # orjson.JSONEncodeError
-            raise StorageError(f"task record is not JSON-serializable: {exc}") from exc
+        self._tasks[record.id] = to_json(record.to_dict(), "task record")
         if record.status.is_terminal():
             self._active.discard(record.id)
             heapq.heappush(self._finished, (record.updated_at, record.id))
@@ -325,8 +327,8 @@ class MemoryTaskStore(TaskStore):
             self._active.add(record.id)
 
     def _load(self, task_id: str) -> TaskRecord | None:
-        data = self._tasks.get(task_id)
-        return TaskRecord.from_dict(orjson.loads(data)) if data is not None else None
+        text = self._tasks.get(task_id)
+        return load_task(text) if text is not None else None
 
     async def create(self, record: TaskRecord) -> None:
         if record.id in self._tasks:
