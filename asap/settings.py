@@ -182,6 +182,8 @@ class Settings:
             raw = env.get(f"ASAP_{spec.name.upper()}")
             if raw is None or spec.name == "extra":
                 continue
+            if not raw.strip() and str(spec.type) == "str":  # blank text: the default
+                continue
             values[spec.name] = _parse(spec.name, spec.type, raw)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

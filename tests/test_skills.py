@@ -246,6 +246,9 @@ def test_settings_read_skills_and_ids_from_the_environment() -> None:
         Settings.from_env({"ASAP_DEBUG": "maybe"})
     optional = Settings.from_env({"ASAP_TASK_TIMEOUT_SECONDS": "", "ASAP_PUBLIC_URL": ""})
     assert optional.task_timeout_seconds is None and optional.public_url is None
+    # a blank text setting (compose's `ASAP_STORAGE_URL=${REDIS_URL:-}`) keeps its default
+    blank = Settings.from_env({"ASAP_STORAGE_URL": "", "ASAP_LOG_LEVEL": "  "})
+    assert blank.storage_url == Settings().storage_url and blank.log_level == "INFO"
     assert Settings.from_env({"ASAP_TASK_TIMEOUT_SECONDS": "30"}).task_timeout_seconds == 30
     with pytest.raises(ConfigurationError, match="ASAP_TASK_TIMEOUT_SECONDS must be an integer"):
         Settings.from_env({"ASAP_TASK_TIMEOUT_SECONDS": "soon"})
