@@ -23,9 +23,8 @@ class ClientPool:
 
     Each peer has its own connection pool (:mod:`asap.transport.network`), so a slow or
     failing peer does not hold the connections of the others. Opened and closed by the
-    server's lifespan;
-    skills reach it as ``ctx.client``. Retries and breaker changes are counted in ``metrics``
-    (the agent's) when given.
+    server's lifespan; skills reach it as ``ctx.client``. Retries and breaker changes are
+    counted in ``metrics`` (the agent's) when given.
     """
 
     def __init__(
