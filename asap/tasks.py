@@ -161,6 +161,8 @@ class TaskManager:
         """Records of running tasks not stored yet (see :meth:`persist`)."""
         self._pending_since: dict[str, float] = {}
         """When each pending record's task started (loop time, in that order)."""
+        self._pending_requests: dict[str, tuple[Envelope, dict[str, Any] | None]] = {}
+        """What each pending record's request is made from, if it is stored while it runs."""
         self._sweeper: asyncio.TimerHandle | None = None
         self._deadlines = Deadlines()
         self.creating: dict[str, asyncio.Future[None]] = {}
@@ -274,7 +276,11 @@ class TaskManager:
                     "message": "the agent running this task stopped before it finished",
                 }
                 await self.storage.tasks.update(
-                    record.id, expect=ACTIVE, status=TaskStatus.FAILED, result={"error": error}
+                    record.id,
+                    expect=ACTIVE,
+                    status=TaskStatus.FAILED,
+                    result={"error": error},
+                    request={},
                 )
 
     # -- running ---------------------------------------------------------------------------
@@ -323,18 +329,22 @@ class TaskManager:
             skill_id=spec.id,
             sender=envelope.sender,
             status=TaskStatus.WORKING,
-            request=stored_request(envelope, source),
+            request={},
             owner=self.instance,
             lease_until=time.time() + self.lease,
         )
         if listener is not None:
             self.listeners.setdefault(record.id, []).append(listener)
         if not wait:  # the caller will ask about it: store it before answering
+            record.request = stored_request(envelope, source)
             await self.storage.tasks.create(record)
             self.launch(record, spec, None, envelope)
             return IdempotencyRecord(fingerprint, record.id, TaskStatus.WORKING.value, None)
-        # A task that ends within PERSIST_DELAY is stored once, with its outcome.
+        # A task that ends within PERSIST_DELAY is stored once, with its outcome, and without
+        # its request (a finished task is never run again): the request is copied only if
+        # the task is stored while it runs.
         self.pending[record.id] = record
+        self._pending_requests[record.id] = (envelope, source)
         self._pending_since[record.id] = asyncio.get_running_loop().time()
         if self._sweeper is None:
             self._sweep_later()
@@ -365,14 +375,18 @@ class TaskManager:
 
     def _unpend(self, task_id: str) -> TaskRecord | None:
         self._pending_since.pop(task_id, None)
+        self._pending_requests.pop(task_id, None)
         return self.pending.pop(task_id, None)
 
     async def persist(self, task_id: str) -> None:
         """Make sure a running task's record is stored (before its first checkpoint or
         progress report, and once it has run for ``PERSIST_DELAY``)."""
         assert self.storage is not None
+        request = self._pending_requests.get(task_id)
         record = self._unpend(task_id)
         if record is not None:
+            if request is not None:
+                record.request = stored_request(*request)
             self.creating[task_id] = asyncio.ensure_future(self.storage.tasks.create(record))
         creating = self.creating.get(task_id)
         if creating is not None:
@@ -466,8 +480,9 @@ class TaskManager:
         return IdempotencyRecord("", record.id, status.value, result)
 
     async def finish(self, task_id: str, status: TaskStatus, result: dict[str, Any] | None) -> None:
-        """Store a task's outcome. A task that was never stored goes to the outbox, written
-        in batches (one transaction for many short tasks) right after the reply."""
+        """Store a task's outcome, without its request. A task that was never stored goes to
+        the outbox, written in batches (one transaction for many short tasks) right after the
+        reply."""
         assert self.storage is not None
         unsaved = self._unpend(task_id)
         if unsaved is not None:
@@ -477,7 +492,9 @@ class TaskManager:
                 self._flusher = asyncio.create_task(self.flush(), name="asap-task-outbox")
             return
         await self.persist(task_id)
-        await self.storage.tasks.update(task_id, expect=ACTIVE, status=status, result=result)
+        await self.storage.tasks.update(
+            task_id, expect=ACTIVE, status=status, result=result, request={}
+        )
 
     async def flush(self) -> None:
         """Write the outbox until it is empty (while stopping, give up after
@@ -622,7 +639,9 @@ class TaskManager:
             local.cancel()
             await asyncio.wait([local], timeout=5)
             # cancelled before it ever ran, the task had no chance to record it
-            await self.storage.tasks.update(task_id, expect=ACTIVE, status=TaskStatus.CANCELLED)
+            await self.storage.tasks.update(
+                task_id, expect=ACTIVE, status=TaskStatus.CANCELLED, request={}
+            )
         else:  # another instance runs it: its lease loop applies the request
             deadline = time.monotonic() + max(5.0, self.lease)
             while time.monotonic() < deadline:

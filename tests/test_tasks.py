@@ -129,6 +129,40 @@ async def test_cancel_stops_a_running_task(agent: httpx.AsyncClient) -> None:
     )
 
 
+async def test_a_task_keeps_its_request_only_while_it_can_run_again(
+    agent: httpx.AsyncClient,
+) -> None:
+    # A stored running task keeps the request it would be resumed from: stored before the
+    # reply (respond-async), or at its first progress report while its caller waits.
+    manager = manager_of(agent)
+    background = task("sleep", {"seconds": 30})
+    started = payload(await call(agent, background, prefer="respond-async"))
+    waited = task("progress", {"steps": 50, "seconds": 0.1})
+    waiting = asyncio.create_task(call(agent, waited))
+    for _ in range(200):
+        stored = [await manager.storage.tasks.get(task_id) for task_id in manager.running]
+        if len(stored) == 2 and all(stored):
+            break
+        await asyncio.sleep(0.02)
+    by_skill = {record.skill_id: record for record in stored}
+    for body in (background, waited):
+        envelope = body["params"]["envelope"]
+        request = by_skill[envelope["payload"]["skill_id"]].request
+        assert request["payload"] == envelope["payload"]
+        assert request["sender"] == envelope["sender"] and request["id"]
+    # Once finished, a task is never run again: its record drops the request.
+    for record in stored:
+        await call(agent, frame("task.cancel", {"task_id": record.id}))
+        finished = await manager.storage.tasks.get(record.id)
+        assert finished.status is TaskStatus.CANCELLED and finished.request == {}
+    assert payload(await waiting)["status"] == "cancelled"
+    short = payload(await call(agent, task("echo", {"x": 1})))
+    await manager.flush()
+    finished = await manager.storage.tasks.get(short["task_id"])
+    assert finished.status is TaskStatus.COMPLETED and finished.request == {}
+    assert finished.result == {"echoed": {"x": 1}}
+
+
 async def test_a_waiting_caller_sees_the_cancellation(agent: httpx.AsyncClient) -> None:
     waiting = asyncio.create_task(call(agent, task("progress", {"steps": 50, "seconds": 0.1})))
     for _ in range(200):

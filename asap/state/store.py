@@ -120,7 +120,8 @@ class TaskRecord:
     sender: str
     status: TaskStatus
     request: dict[str, Any]
-    """The request envelope as received (wire form): enough to run the task again."""
+    """The request envelope as received (wire form): enough to run the task again. Empty
+    once the task has finished (nothing runs it again), and in a record not stored yet."""
     result: dict[str, Any] | None = None
     progress: dict[str, Any] | None = None
     owner: str | None = None
