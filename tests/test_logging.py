@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import time
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from asap.models.envelope import Envelope
 from asap.models.payloads import TaskRequest
 from asap.observability import logging as asap_logging
-from asap.process import AgentProcess
+from asap.process import AgentProcess, free_port
 from asap.transport.client import ASAPClient
 from tests.conftest import TEST_AGENT_ID
 
@@ -82,6 +86,54 @@ def test_console_and_json_output_bind_context_and_redact_secrets(
         assert "demo.console" in out and "abc" not in out and "token=***" in out
     finally:
         asap_logging.configure_logging("console", "WARNING", force=True)
+
+
+async def test_lines_of_one_loop_step_are_written_together_and_in_order(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    def events() -> list[str]:
+        return [json.loads(line)["event"] for line in capsys.readouterr().out.splitlines()]
+
+    try:
+        asap_logging.configure_logging("json", "INFO", force=True)
+        log = asap_logging.get_logger("test")
+        log.info("first")
+        logging.getLogger("uvicorn.access").info("access line")
+        assert events() == []  # waiting for the end of this step
+        log.warning("urgent")  # written at once, after what waits
+        assert events() == ["first", "access line", "urgent"]
+        log.info("second")
+        logging.getLogger("uvicorn.error").info("lifecycle")  # uvicorn's own: at once
+        assert events() == ["second", "lifecycle"]
+        log.info("third")
+        await asyncio.sleep(0)  # the step ends
+        assert events() == ["third"]
+        log.info("fourth")
+        asap_logging.flush_logs()
+        assert events() == ["fourth"]
+    finally:
+        asap_logging.configure_logging("console", "WARNING", force=True)
+
+
+def test_an_agent_stopped_by_sigterm_has_written_every_line(tmp_path: Path) -> None:
+    # uvicorn raises SIGTERM again once it has stopped, which ends the process without exit
+    # handlers: nothing may be left waiting in the buffer by then.
+    port = free_port()
+    agent = AgentProcess(
+        ["-m", "uvicorn", "asap.server:app", "--host", "127.0.0.1", "--port", str(port)],
+        port,
+        env={"ASAP_LOG_FORMAT": "json", "ASAP_LOG_LEVEL": "INFO"},
+        log_path=tmp_path / "agent.log",
+        cwd=tmp_path,
+    )
+    with agent:
+        with httpx.Client() as client:
+            assert client.get(f"{agent.url}/health").status_code == 200
+    lines = [json.loads(line) for line in (tmp_path / "agent.log").read_text().splitlines()]
+    events = [line["event"] for line in lines]
+    assert any("GET /health" in event for event in events)
+    assert "asap.server.draining" in events
+    assert events[-1].startswith("Finished server process")
 
 
 def test_sanitize_for_logging_redacts_nested_secret_fields() -> None:

@@ -8,9 +8,12 @@ redacted before rendering.
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import logging
 import os
 import sys
+import threading
 from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any
 
@@ -23,6 +26,7 @@ __all__ = [
     "bind_context",
     "clear_context",
     "configure_logging",
+    "flush_logs",
     "get_logger",
     "sanitize_for_logging",
 ]
@@ -121,23 +125,92 @@ class _RecordFormatter(logging.Formatter):
         return str(self.render(None, level, event))
 
 
+class _Lines:
+    """Where every rendered line goes: the current ``sys.stdout`` (which tests may swap),
+    in one write per event-loop step. A request logs two lines or more (the access line and
+    ``asap.request.processed``), and a write and flush per line cost more than rendering it.
+
+    Lines written in a thread running an event loop wait for the end of the loop's current
+    step; lines at ``WARNING`` and above, and lines from any other thread, are written at
+    once, after those waiting (one order for all). :func:`flush_logs` and exit write what
+    is left; a process killed outright loses the lines of its last step."""
+
+    def __init__(self) -> None:
+        self._lines: list[str] = []
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        """The loop a flush is scheduled on, if any."""
+
+    def write(self, line: str, urgent: bool = False) -> None:
+        with self._lock:
+            self._lines.append(line)
+        loop = None
+        if not urgent:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no loop in this thread
+                pass
+        if loop is None:
+            self.flush()
+        elif loop is not self._loop:
+            self._loop = loop
+            loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        with self._lock:
+            self._loop = None
+            lines, self._lines = self._lines, []
+        if lines:
+            lines.append("")
+            stream = sys.stdout
+            stream.write("\n".join(lines))
+            stream.flush()
+
+
+_lines = _Lines()
+atexit.register(_lines.flush)
+
+
+def flush_logs() -> None:
+    """Write the log lines still waiting for the end of the event loop's step."""
+    _lines.flush()
+
+
 class _StdoutLogger:
-    """Writes each rendered line to the current ``sys.stdout`` (which tests may swap)."""
+    """structlog's output: rendered lines to :data:`_lines` (warnings and errors at once)."""
 
     def msg(self, message: str) -> None:
-        stream = sys.stdout
-        stream.write(message + "\n")
-        stream.flush()
+        _lines.write(message)
 
-    log = debug = info = warn = warning = error = critical = exception = fatal = msg
+    def urgent(self, message: str) -> None:
+        _lines.write(message, urgent=True)
+
+    log = debug = info = msg
+    warn = warning = error = critical = exception = fatal = urgent
 
 
-class _StdoutHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """A stream handler writing to the current ``sys.stdout`` rather than the one at start-up."""
+_ACCESS = "uvicorn.access"
+
+
+class _StdoutHandler(logging.Handler):
+    """Standard library records to :data:`_lines`, without the handler lock (``_lines`` has
+    its own). Only uvicorn's access lines wait for the end of the loop's step: uvicorn logs
+    its last lines and then, stopped by a signal, raises that signal again, which ends the
+    process at once (no exit handlers)."""
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        if not self.filter(record):
+            return False
+        self.emit(record)
+        return True
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.stream = sys.stdout
-        super().emit(record)
+        try:
+            line = self.format(record)
+        except Exception:
+            self.handleError(record)
+            return
+        _lines.write(line, urgent=record.levelno >= logging.WARNING or record.name != _ACCESS)
 
 
 _LINE_BREAKS = {"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"}
@@ -213,6 +286,11 @@ def configure_logging(
     handler.setFormatter(_RecordFormatter(shared, renderer))
     root = logging.getLogger()
     root.handlers = [handler]
+    # Our lines carry none of the caller's file, line, thread or process: spare every record
+    # finding them (the logging HOWTO's "Optimization").
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    logging.logAsyncioTasks = False  # Python 3.12+
     root.setLevel(numeric_level)
     # uvicorn installs its own handlers before importing the app; send its records to ours.
     # httpx logs every request at INFO; our client logs its own events.
