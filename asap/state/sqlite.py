@@ -535,6 +535,10 @@ INSERT_MANY = (
 """Insert the tasks of a JSON array of records (the same columns as :func:`task_values`)."""
 
 
+KEEP_BOUND_MAX = 1 << 20
+"""Characters of a batch's JSON the insert statement may keep bound until the next batch."""
+
+
 def task_values(record: TaskRecord) -> tuple[Any, ...]:
     """Parameters of :data:`WRITE_TASK` (and of the insert, same order)."""
     return (
@@ -572,17 +576,18 @@ class SQLiteTaskStore(TaskStore):
         await self._db.run(insert)
 
     async def create_many(self, records: list[TaskRecord]) -> None:
-        # One statement over one JSON array: SQLite loops over the rows itself, so the worker
-        # thread takes the GIL twice per batch instead of twice per row (under load, every
-        # GIL hand-back can wait a switch interval behind the busy event loop).
+        # One statement over one JSON array, in a transaction of its own (a writing statement
+        # takes the write lock when it starts, as BEGIN IMMEDIATE does): SQLite loops over
+        # the rows itself, so the worker thread takes the GIL back once per batch, not per
+        # row or per statement. Under load each time costs the busy event loop a hand-over.
         text = to_json(records, "task records")
 
         def insert_all(conn: sqlite3.Connection) -> None:
-            with immediate(conn):
-                conn.execute(INSERT_MANY, (text,))
-            # the cached statement keeps its last parameter: bind a small one, so a batch
-            # of large tasks does not stay in memory until the next batch
-            conn.execute(INSERT_MANY, ("[]",))
+            conn.execute(INSERT_MANY, (text,))
+            if len(text) > KEEP_BOUND_MAX:
+                # the cached statement keeps its last parameter: bind a small one, so a
+                # batch of large tasks does not stay in memory until the next batch
+                conn.execute(INSERT_MANY, ("[]",))
 
         await self._db.run_in_thread(insert_all)
 

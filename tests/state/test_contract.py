@@ -529,6 +529,29 @@ async def test_sqlite_group_commit_waits_for_another_process_lock(tmp_path: Path
         await db.aclose()
 
 
+async def test_sqlite_outbox_batch_waits_for_another_process_lock(tmp_path: Path) -> None:
+    # The batch is one statement in a transaction of its own: it must wait for the lock
+    # (busy_timeout) like BEGIN IMMEDIATE, not fail on a snapshot another writer made stale.
+    path = tmp_path / "o.db"
+    storage = await open_storage(f"sqlite:///{path}")
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        await storage.tasks.create(task("before"))
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("UPDATE tasks SET owner = 'other' WHERE id = 'before'")
+        batch = [task(f"batch-{n}", status=COMPLETED) for n in range(30)]
+        writing = asyncio.ensure_future(storage.tasks.create_many(batch))
+        await asyncio.sleep(0.1)
+        assert not writing.done()
+        other.execute("COMMIT")
+        await asyncio.wait_for(writing, 5)
+        stored = [await storage.tasks.get(f"batch-{n}") for n in range(30)]
+        assert all(record is not None and record.status is COMPLETED for record in stored)
+    finally:
+        other.close()
+        await storage.aclose()
+
+
 async def test_redis_errors_become_storage_errors() -> None:
     with pytest.raises(StorageError) as caught:
         await open_storage("redis://127.0.0.1:1/0")
