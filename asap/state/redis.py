@@ -52,7 +52,7 @@ from asap.state.store import (
     to_json,
 )
 from asap.transport.idempotency import (
-    Heartbeat,
+    Heartbeats,
     IdempotencyRecord,
     SharedIdempotencyStore,
     key_reused,
@@ -452,6 +452,7 @@ class RedisIdempotencyStore(SharedIdempotencyStore):
         self._conn = conn
         self.ttl = ttl
         self.takeover = takeover
+        self._heartbeats = Heartbeats(takeover / 3)
 
     def __repr__(self) -> str:
         return (
@@ -495,9 +496,8 @@ class RedisIdempotencyStore(SharedIdempotencyStore):
         fingerprint: str,
         compute: Callable[[], Awaitable[IdempotencyRecord]],
     ) -> IdempotencyRecord:
-        heartbeat = Heartbeat(
+        heartbeat = self._heartbeats.start(
             name,
-            self.takeover / 3,
             lambda: self._conn.script("extend", [name], [pending, milliseconds(self.takeover)]),
         )
         try:

@@ -49,7 +49,7 @@ from asap.state.store import (
     to_json,
 )
 from asap.transport.idempotency import (
-    Heartbeat,
+    Heartbeats,
     IdempotencyRecord,
     SharedIdempotencyStore,
     key_reused,
@@ -686,6 +686,7 @@ class SQLiteIdempotencyStore(SharedIdempotencyStore):
         self._db = db
         self.ttl = ttl
         self.takeover = takeover
+        self._heartbeats = Heartbeats(takeover / 3)
         self._next_sweep = 0.0
 
     def __repr__(self) -> str:
@@ -744,9 +745,8 @@ class SQLiteIdempotencyStore(SharedIdempotencyStore):
     async def _compute(
         self, key: str, token: str, compute: Callable[[], Awaitable[IdempotencyRecord]]
     ) -> IdempotencyRecord:
-        heartbeat = Heartbeat(
+        heartbeat = self._heartbeats.start(
             key,
-            self.takeover / 3,
             lambda: self._db.execute_write(
                 "UPDATE idempotency SET expires = ? WHERE key = ? AND token = ?",
                 *(time.time() + self.takeover, key, token),

@@ -27,6 +27,7 @@ __all__ = [
     "IdempotencyStore",
     "MemoryIdempotencyStore",
     "Heartbeat",
+    "Heartbeats",
     "SharedIdempotencyStore",
     "key_reused",
 ]
@@ -164,45 +165,82 @@ def warn(event: str, **values: Any) -> None:
     get_logger("asap.idempotency").warning(event, **values)
 
 
+class Heartbeats:
+    """Keeps the running claims of one shared store alive: each is extended (its ``extend``
+    called) every ``period`` seconds until it ends, with one timer for all of them. Nearly
+    every computation ends before its first beat, so a claim costs a dictionary entry rather
+    than a timer of its own; each beat runs as a task."""
+
+    def __init__(self, period: float) -> None:
+        self.period = period
+        self._waiting: dict[Heartbeat, None] = {}
+        """Claims waiting for their next beat, in the order it is due (one period for all)."""
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self, key: str, extend: Callable[[], Awaitable[object]]) -> Heartbeat:
+        """Begin extending a claim; stop with :meth:`Heartbeat.stop` or ``cancel``."""
+        beat = Heartbeat(self, key, extend)
+        self._wait(beat, asyncio.get_running_loop())
+        return beat
+
+    def _wait(self, beat: Heartbeat, loop: asyncio.AbstractEventLoop) -> None:
+        beat.due = loop.time() + self.period
+        self._waiting[beat] = None
+        if self._timer is None or self._timer_loop is not loop:
+            self._arm(loop, beat.due)
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, at: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer, self._timer_loop = loop.call_at(at, self._beat, loop), loop
+
+    def _beat(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = None
+        now = loop.time()
+        for beat in list(self._waiting):
+            if beat.due > now:
+                self._arm(loop, beat.due)
+                return
+            del self._waiting[beat]
+            beat.task = loop.create_task(beat.run())
+
+    def _forget(self, beat: Heartbeat) -> None:
+        self._waiting.pop(beat, None)  # a timer left armed for it just finds nothing due
+
+
 class Heartbeat:
-    """Extends a claim (``extend``) every ``period`` seconds until stopped: what keeps a
-    running claim of the shared stores alive.
+    """One claim kept alive by :class:`Heartbeats`."""
 
-    Until a beat is due it is only a timer, so a computation shorter than ``period`` (nearly
-    all of them) costs a timer rather than a task; each beat runs as a task that arms the next.
-    """
+    __slots__ = ("_beats", "_extend", "_stopped", "due", "key", "task")
 
-    def __init__(self, key: str, period: float, extend: Callable[[], Awaitable[object]]) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._key, self._period, self._extend = key, period, extend
-        self._task: asyncio.Task[None] | None = None
-        self._timer: asyncio.TimerHandle | None = self._loop.call_later(period, self._beat)
+    def __init__(
+        self, beats: Heartbeats, key: str, extend: Callable[[], Awaitable[object]]
+    ) -> None:
+        self._beats, self.key, self._extend = beats, key, extend
+        self.due = 0.0
+        self.task: asyncio.Task[None] | None = None
         self._stopped = False
 
-    def _beat(self) -> None:
-        self._timer = None
-        self._task = self._loop.create_task(self._run())
-
-    async def _run(self) -> None:
+    async def run(self) -> None:
         try:
             await self._extend()
         except ASAPError as exc:  # storage trouble: the next beat may get through
-            warn("idempotency_heartbeat_failed", key=self._key, error=str(exc))
-        self._task = None
+            warn("idempotency_heartbeat_failed", key=self.key, error=str(exc))
+        self.task = None
         if not self._stopped:
-            self._timer = self._loop.call_later(self._period, self._beat)
+            self._beats._wait(self, asyncio.get_running_loop())
 
     def cancel(self) -> None:
         """Stop beating (a beat in flight is cancelled)."""
         self._stopped = True
-        if self._timer is not None:
-            self._timer.cancel()
-        if self._task is not None:
-            self._task.cancel()
+        self._beats._forget(self)
+        if self.task is not None:
+            self.task.cancel()
 
     async def stop(self) -> None:
         """Stop beating and wait until a beat in flight has ended."""
-        task = self._task
+        task = self.task
         self.cancel()
         if task is not None:
             await asyncio.wait([task])

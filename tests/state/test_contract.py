@@ -28,7 +28,7 @@ from asap.models.enums import TaskStatus
 from asap.state import open_storage
 from asap.state.sqlite import Database
 from asap.state.store import SnapshotConflictError, Storage, StorageError, TaskRecord
-from asap.transport.idempotency import IdempotencyRecord
+from asap.transport.idempotency import Heartbeats, IdempotencyRecord
 
 pytestmark = pytest.mark.anyio
 
@@ -707,6 +707,35 @@ async def test_heartbeat_keeps_a_long_claim(backend: Backend) -> None:
     finally:
         await first.aclose()
         await second.aclose()
+
+
+async def test_one_timer_keeps_every_claim_alive_until_it_ends() -> None:
+    beats = Heartbeats(0.05)
+    counts = {"a": 0, "b": 0, "c": 0}
+
+    def extend(name: str) -> Any:
+        async def beat() -> None:
+            counts[name] += 1
+            if name == "c" and counts[name] == 1:
+                raise StorageError("unreachable")  # logged; the next beat still comes
+
+        return beat
+
+    a = beats.start("a", extend("a"))
+    await asyncio.sleep(0.02)
+    b = beats.start("b", extend("b"))
+    await asyncio.sleep(0.01)
+    c = beats.start("c", extend("c"))
+    b.cancel()  # ends before its first beat: nothing more for it, nothing lost for the rest
+    deadline = time.monotonic() + 5
+    while counts["a"] < 3 or counts["c"] < 3:
+        assert time.monotonic() < deadline, counts
+        await asyncio.sleep(0.01)
+    await a.stop()
+    await c.stop()
+    stopped = dict(counts)
+    await asyncio.sleep(0.15)  # three periods: no beat after stop
+    assert counts == stopped and counts["b"] == 0
 
 
 # -- guard: replay nonces and rate windows --------------------------------------------------
