@@ -783,16 +783,17 @@ async def test_rate_windows_refuse_past_the_limit_and_charge_nothing_then(
 
 
 async def test_create_many_stores_new_tasks_and_leaves_existing_ones(storage: Storage) -> None:
-    """The outbox's batched write: one call for many short tasks, idempotent per id."""
+    """The outbox's batched write: few calls for many short tasks (Redis: 100 per script),
+    idempotent per id."""
     first = task("task-1", status=COMPLETED, result={"n": 1})
     await storage.tasks.create(first)
     batch = [task("task-1", status=COMPLETED, result={"n": "other"})] + [
-        task(f"task-{n}", status=COMPLETED, result={"n": n}) for n in range(2, 40)
+        task(f"task-{n}", status=COMPLETED, result={"n": n}) for n in range(2, 250)
     ]
     await storage.tasks.create_many(batch)
     await storage.tasks.create_many([])
-    stored = [await storage.tasks.get(f"task-{n}") for n in range(1, 40)]
-    assert [r.result for r in stored if r is not None] == [{"n": n} for n in range(1, 40)]
+    stored = [await storage.tasks.get(f"task-{n}") for n in range(1, 250)]
+    assert [r.result for r in stored if r is not None] == [{"n": n} for n in range(1, 250)]
 
 
 # Retention: finished tasks are purged
