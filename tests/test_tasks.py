@@ -137,6 +137,7 @@ async def test_a_task_keeps_its_request_only_while_it_can_run_again(
     manager = manager_of(agent)
     background = task("sleep", {"seconds": 30})
     started = payload(await call(agent, background, prefer="respond-async"))
+    assert started["status"] == "working"
     waited = task("progress", {"steps": 50, "seconds": 0.1})
     waiting = asyncio.create_task(call(agent, waited))
     for _ in range(200):

@@ -290,7 +290,7 @@ def configure_logging(
     # finding them (the logging HOWTO's "Optimization").
     logging._srcfile = None
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
-    logging.logAsyncioTasks = False  # Python 3.12+
+    setattr(logging, "logAsyncioTasks", False)  # noqa: B010 (Python 3.12+; absent before)
     root.setLevel(numeric_level)
     # uvicorn installs its own handlers before importing the app; send its records to ours.
     # httpx logs every request at INFO; our client logs its own events.

@@ -191,7 +191,7 @@ class Heartbeats:
             self._arm(loop, beat.due)
 
     def _arm(self, loop: asyncio.AbstractEventLoop, at: float) -> None:
-        if self._timer is not None:
+        if self._timer is not None and self._timer_loop is loop:  # else a loop that ended
             self._timer.cancel()
         self._timer, self._timer_loop = loop.call_at(at, self._beat, loop), loop
 
