@@ -107,48 +107,31 @@ redis.call('ZREM', KEYS[2], ARGV[1])
 return redis.call('HDEL', KEYS[1], ARGV[1])
 """
 WRITE_TASK_LUA = """
-local function write(key, leases, finished, a)
-  redis.call('HSET', key, 'record', ARGV[a + 2], 'status', ARGV[a + 3], 'owner', ARGV[a + 4],
-             'lease_until', ARGV[a + 5], 'cancel_requested', ARGV[a + 6])
-  if ARGV[a + 7] == '1' then redis.call('ZADD', leases, ARGV[a + 5], ARGV[a + 1])
-  else redis.call('ZREM', leases, ARGV[a + 1]) end
-  if ARGV[a + 8] ~= '' then redis.call('ZADD', finished, ARGV[a + 8], ARGV[a + 1]) end
-  redis.call('HINCRBY', key, 'rev', 1)
+local function write()
+  redis.call('HSET', KEYS[1], 'record', ARGV[2], 'status', ARGV[3], 'owner', ARGV[4],
+             'lease_until', ARGV[5], 'cancel_requested', ARGV[6])
+  if ARGV[7] == '1' then redis.call('ZADD', KEYS[2], ARGV[5], ARGV[1])
+  else redis.call('ZREM', KEYS[2], ARGV[1]) end
+  if ARGV[8] ~= '' then redis.call('ZADD', KEYS[3], ARGV[8], ARGV[1]) end
+  redis.call('HINCRBY', KEYS[1], 'rev', 1)
   return 1
 end
 """
-"""Write a task: its hash, the ``leases`` and ``finished`` keys, and where its 8 arguments
-start in ARGV (after ``a``): id, record JSON, status, owner, lease_until, cancel_requested,
-whether it is in ``leases``, its ``finished`` score (its ``updated_at`` when its status is
-terminal, else empty: a status never leaves terminal)."""
+"""Write a task: KEYS = hash, ``leases``, ``finished``; ARGV = id, record JSON, status, owner,
+lease_until, cancel_requested, whether it is in ``leases``, its ``finished`` score (its
+``updated_at`` when its status is terminal, else empty: a status never leaves terminal)."""
 CREATE_TASK = (
     WRITE_TASK_LUA
     + """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-return write(KEYS[1], KEYS[2], KEYS[3], 0)
+return write()
 """
 )
-CREATE_TASKS = (
-    WRITE_TASK_LUA
-    + """
-local created = 0
-for i = 3, #KEYS do
-  if redis.call('EXISTS', KEYS[i]) == 0 then
-    created = created + write(KEYS[i], KEYS[1], KEYS[2], (i - 3) * 8)
-  end
-end
-return created
-"""
-)
-"""Create many tasks, leaving existing ones as they are: KEYS = ``leases``, ``finished``,
-then the hashes; ARGV = the 8 arguments of each task in turn."""
-CREATE_BATCH = 100
-"""Tasks per :data:`CREATE_TASKS` call: a script holds Redis up while it runs."""
 CHANGE_TASK = (
     WRITE_TASK_LUA
     + """
 if redis.call('HGET', KEYS[1], 'rev') ~= ARGV[9] then return 0 end
-return write(KEYS[1], KEYS[2], KEYS[3], 0)
+return write()
 """
 )
 CLAIM_KEY = """
@@ -208,7 +191,6 @@ SCRIPTS = {
     "latest": LATEST_SNAPSHOT,
     "delete": DELETE_SNAPSHOTS,
     "create": CREATE_TASK,
-    "create_many": CREATE_TASKS,
     "change": CHANGE_TASK,
     "claim": CLAIM_KEY,
     "extend": EXTEND_CLAIM,
@@ -369,14 +351,10 @@ class RedisTaskStore(TaskStore):
             raise StorageError(f"Task {record.id} already exists")
 
     async def create_many(self, records: list[TaskRecord]) -> None:
-        # one script per CREATE_BATCH tasks, all in one pipeline
-        calls: list[tuple[list[str], list[Arg]]] = []
-        for start in range(0, len(records), CREATE_BATCH):
-            batch = records[start : start + CREATE_BATCH]
-            keys = [self._leases, self._finished, *(self._key(r.id) for r in batch)]
-            calls.append((keys, [arg for r in batch for arg in self._args(r)]))
+        # one pipeline of ``create`` scripts; each leaves an existing task as it is
+        calls = [(self._keys(r.id), self._args(r)) for r in records]
         if calls:
-            await self._conn.scripts("create_many", calls)
+            await self._conn.scripts("create", calls)
 
     async def get(self, task_id: str) -> TaskRecord | None:
         text = await self._conn.execute("HGET", self._key(task_id), "record")
