@@ -783,8 +783,7 @@ async def test_rate_windows_refuse_past_the_limit_and_charge_nothing_then(
 
 
 async def test_create_many_stores_new_tasks_and_leaves_existing_ones(storage: Storage) -> None:
-    """The outbox's batched write: few calls for many short tasks (Redis: 100 per script),
-    idempotent per id."""
+    """The outbox's batched write: one call for many short tasks, idempotent per id."""
     first = task("task-1", status=COMPLETED, result={"n": 1})
     await storage.tasks.create(first)
     batch = [task("task-1", status=COMPLETED, result={"n": "other"})] + [
