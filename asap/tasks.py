@@ -11,7 +11,6 @@ under the same task id, any other is marked failed.
 from __future__ import annotations
 
 import asyncio
-import math
 import os
 import socket
 import time
@@ -47,6 +46,7 @@ from asap.observability.metrics import Metrics
 from asap.registry import SkillRegistry, SkillSpec
 from asap.settings import Settings
 from asap.state.store import Storage, TaskRecord
+from asap.timers import Alarms
 from asap.transport.idempotency import IdempotencyRecord
 
 __all__ = ["TaskManager"]
@@ -84,45 +84,23 @@ def stored_request(envelope: Envelope, source: dict[str, Any] | None) -> dict[st
 
 
 class Deadlines:
-    """Cancels each running task at its deadline, with one timer for all of them (armed at
-    the earliest deadline): a timer per task (``asyncio.timeout``) cost more than the rest
-    of a short task's bookkeeping. The deadline of a task that ends first is just dropped."""
+    """Cancels each running task at its deadline (:class:`~asap.timers.Alarms`: one timer
+    for all of them). The deadline of a task that ends first is just dropped."""
 
     def __init__(self) -> None:
-        self._due: dict[str, tuple[float, asyncio.Task[Any]]] = {}
+        self._alarms = Alarms()
         self._passed: set[str] = set()
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = math.inf
 
     def watch(self, task_id: str, seconds: float) -> None:
         """Cancel the current task ``seconds`` from now unless :meth:`forget` comes first."""
         task = asyncio.current_task()
         assert task is not None
-        loop = asyncio.get_running_loop()
-        at = loop.time() + seconds
-        self._due[task_id] = (at, task)
-        if at < self._timer_at:
-            self._arm(loop, at)
+        self._alarms.set(task_id, seconds, partial(self._expire, task_id, task))
 
-    def _arm(self, loop: asyncio.AbstractEventLoop, at: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer, self._timer_at = loop.call_at(at, self._enforce), at
-
-    def _enforce(self) -> None:
-        self._timer, self._timer_at = None, math.inf
-        loop = asyncio.get_running_loop()
-        now, earliest = loop.time(), math.inf
-        for task_id, (at, task) in list(self._due.items()):
-            if at <= now:
-                del self._due[task_id]
-                if not task.done():
-                    self._passed.add(task_id)
-                    task.cancel()
-            else:
-                earliest = min(earliest, at)
-        if earliest < math.inf:
-            self._arm(loop, earliest)
+    def _expire(self, task_id: str, task: asyncio.Task[Any]) -> None:
+        if not task.done():
+            self._passed.add(task_id)
+            task.cancel()
 
     def passed(self, task_id: str) -> bool:
         """Whether the task was cancelled by its deadline."""
@@ -131,7 +109,7 @@ class Deadlines:
     def forget(self, task_id: str) -> bool:
         """The task ended (called from it): stop watching it. Whether its deadline passed;
         if so the task takes that cancellation back, as ``asyncio.timeout`` does."""
-        self._due.pop(task_id, None)
+        self._alarms.cancel(task_id)
         if task_id not in self._passed:
             return False
         self._passed.discard(task_id)

@@ -204,7 +204,7 @@ async def test_each_task_is_cancelled_at_its_own_deadline(agent: httpx.AsyncClie
     assert 1 <= short_at < long_at and long_at >= 2
     assert own_reply["status"] == "failed"
     assert own_reply["result"]["error"]["type"] == "TimeoutError"
-    assert not manager_of(agent)._deadlines._due  # nothing left watched
+    assert not manager_of(agent)._deadlines._alarms  # nothing left watched
 
 
 async def test_a_result_without_a_json_form_fails_its_task_and_no_other(

@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from asap.errors import ASAPError, InvalidParamsError
+from asap.timers import Alarms
 
 __all__ = [
     "IdempotencyRecord",
@@ -167,74 +168,54 @@ def warn(event: str, **values: Any) -> None:
 
 class Heartbeats:
     """Keeps the running claims of one shared store alive: each is extended (its ``extend``
-    called) every ``period`` seconds until it ends, with one timer for all of them. Nearly
-    every computation ends before its first beat, so a claim costs a dictionary entry rather
-    than a timer of its own; each beat runs as a task."""
+    called) every ``period`` seconds until it ends, with one timer for all of them
+    (:class:`~asap.timers.Alarms`). Nearly every computation ends before its first beat, so
+    a claim costs a dictionary entry rather than a timer of its own; each beat runs as a
+    task."""
 
     def __init__(self, period: float) -> None:
         self.period = period
-        self._waiting: dict[Heartbeat, None] = {}
-        """Claims waiting for their next beat, in the order it is due (one period for all)."""
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_loop: asyncio.AbstractEventLoop | None = None
+        self._alarms = Alarms()
 
     def start(self, key: str, extend: Callable[[], Awaitable[object]]) -> Heartbeat:
         """Begin extending a claim; stop with :meth:`Heartbeat.stop` or ``cancel``."""
-        beat = Heartbeat(self, key, extend)
-        self._wait(beat, asyncio.get_running_loop())
+        beat = Heartbeat(self._alarms, self.period, key, extend)
+        beat.wait()
         return beat
-
-    def _wait(self, beat: Heartbeat, loop: asyncio.AbstractEventLoop) -> None:
-        beat.due = loop.time() + self.period
-        self._waiting[beat] = None
-        if self._timer is None or self._timer_loop is not loop:
-            self._arm(loop, beat.due)
-
-    def _arm(self, loop: asyncio.AbstractEventLoop, at: float) -> None:
-        if self._timer is not None and self._timer_loop is loop:  # else a loop that ended
-            self._timer.cancel()
-        self._timer, self._timer_loop = loop.call_at(at, self._beat, loop), loop
-
-    def _beat(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._timer = None
-        now = loop.time()
-        for beat in list(self._waiting):
-            if beat.due > now:
-                self._arm(loop, beat.due)
-                return
-            del self._waiting[beat]
-            beat.task = loop.create_task(beat.run())
-
-    def _forget(self, beat: Heartbeat) -> None:
-        self._waiting.pop(beat, None)  # a timer left armed for it just finds nothing due
 
 
 class Heartbeat:
     """One claim kept alive by :class:`Heartbeats`."""
 
-    __slots__ = ("_beats", "_extend", "_stopped", "due", "key", "task")
+    __slots__ = ("_alarms", "_extend", "_period", "_stopped", "key", "task")
 
     def __init__(
-        self, beats: Heartbeats, key: str, extend: Callable[[], Awaitable[object]]
+        self, alarms: Alarms, period: float, key: str, extend: Callable[[], Awaitable[object]]
     ) -> None:
-        self._beats, self.key, self._extend = beats, key, extend
-        self.due = 0.0
+        self._alarms, self._period, self.key, self._extend = alarms, period, key, extend
         self.task: asyncio.Task[None] | None = None
         self._stopped = False
 
-    async def run(self) -> None:
+    def wait(self) -> None:
+        """Beat ``period`` seconds from now."""
+        self._alarms.set(self, self._period, self._beat)
+
+    def _beat(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
         try:
             await self._extend()
         except ASAPError as exc:  # storage trouble: the next beat may get through
             warn("idempotency_heartbeat_failed", key=self.key, error=str(exc))
         self.task = None
         if not self._stopped:
-            self._beats._wait(self, asyncio.get_running_loop())
+            self.wait()
 
     def cancel(self) -> None:
         """Stop beating (a beat in flight is cancelled)."""
         self._stopped = True
-        self._beats._forget(self)
+        self._alarms.cancel(self)
         if self.task is not None:
             self.task.cancel()
 
