@@ -199,6 +199,9 @@ class TaskManager:
         self.interrupt()
         if self.running:
             await asyncio.wait(list(self.running.values()), timeout=5)
+        if self._flusher is not None and not self._flusher.done():
+            # its write in flight ends before the storage closes (else it fails, logged)
+            await asyncio.wait([self._flusher])
         await self.flush()
 
     @property

@@ -452,3 +452,37 @@ def test_task_retention_setting() -> None:
         Settings.from_env({"ASAP_TASK_RETENTION_SECONDS": "-1"})
     with pytest.raises(ConfigurationError, match="ASAP_TASK_RETENTION_SECONDS must be an integer"):
         Settings.from_env({"ASAP_TASK_RETENTION_SECONDS": "1d"})
+
+
+async def test_stop_waits_for_the_outbox_write_in_flight(
+    storage_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An agent stopped while its outbox is being written lets that write end before the
+    storage closes: the task is stored and nothing fails at shutdown."""
+    settings = echo_settings(skills=("skills.echo",), storage_url=storage_url)
+    app = create_app(settings)
+    in_flight: list[int] = []
+    async with serve_in_process(app) as client:
+        manager = app.state.dispatcher.tasks
+        write = manager.storage.tasks.create_many
+        entered = asyncio.Event()
+
+        async def slow_first_write(records: list[TaskRecord]) -> None:
+            first = not entered.is_set()
+            entered.set()
+            in_flight.append(1)
+            try:
+                if first:  # the outbox flusher's write is still running when stop() starts
+                    await asyncio.sleep(0.2)
+                await write(records)
+            finally:
+                in_flight.pop()
+
+        manager.storage.tasks.create_many = slow_first_write
+        done = payload(await call(client, task("echo", {"x": 1})))
+        await asyncio.wait_for(entered.wait(), 5)
+        await manager.stop()
+        assert not in_flight
+        stored = await manager.storage.tasks.get(done["task_id"])
+        assert stored is not None and stored.status is TaskStatus.COMPLETED
+    assert "outbox_write_failed" not in capsys.readouterr().out
