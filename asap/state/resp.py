@@ -3,8 +3,9 @@
 One connection per :class:`Client`, speaking RESP2. Commands issued while others are in flight
 are written back to back (the writes of one event-loop turn in one ``write``) and their replies
 matched in order, so concurrent callers share the connection without waiting for each other
-(automatic pipelining). Replies are decoded: bulk and simple strings as ``str``, integers as
-``int``, nulls as ``None``, arrays as lists; an error reply raises :class:`ReplyError`.
+(automatic pipelining). Commands are encoded and replies parsed by hiredis (C, the parser
+redis-py uses); replies are decoded: bulk and simple strings as ``str``, integers as ``int``,
+nulls as ``None``, arrays as lists; an error reply raises :class:`ReplyError`.
 
 URL: ``redis://[[user]:password@]host[:port][/db]`` (``rediss://`` for TLS), query options
 ``socket_connect_timeout`` (seconds, 5), ``socket_timeout`` (seconds a command may wait for its
@@ -21,8 +22,10 @@ import hashlib
 import ssl
 from collections import deque
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qsl, unquote, urlsplit
+
+import hiredis
 
 __all__ = [
     "Client",
@@ -32,7 +35,7 @@ __all__ = [
     "RedisTimeoutError",
     "Script",
     "encode",
-    "parse",
+    "reader",
 ]
 
 Arg = str | bytes | int | float
@@ -54,64 +57,18 @@ class RedisTimeoutError(ConnectionLostError):
     """No connection or no reply in time; the connection is dropped."""
 
 
-class _NeedMore(Exception):
-    """The buffer ends inside a reply."""
-
-
-NEED_MORE = _NeedMore()
-
-
 def encode(args: Sequence[Arg]) -> bytes:
-    """One command as a RESP array of bulk strings."""
-    out = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        if isinstance(arg, str):
-            data = arg.encode()
-        elif isinstance(arg, bytes):
-            data = arg
-        elif isinstance(arg, int) and not isinstance(arg, bool):
-            data = b"%d" % arg
-        elif isinstance(arg, float):
-            data = repr(arg).encode()
-        else:
-            raise TypeError(f"Redis argument of type {type(arg).__name__}: {arg!r}")
-        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(out)
+    """One command as a RESP array of bulk strings (hiredis, in C). A ``bool`` or any type
+    but ``str``, ``bytes``, ``int`` and ``float`` is a :class:`TypeError`."""
+    packed: bytes = hiredis.pack_command(cast(Any, args if type(args) is tuple else tuple(args)))
+    return packed
 
 
-def parse(buf: bytes | bytearray, pos: int) -> tuple[Any, int]:
-    """The reply starting at ``pos`` and where the next one starts; ``_NeedMore`` if cut short.
-
-    An error reply is returned as a :class:`ReplyError` (inside an array too), not raised.
-    """
-    end = buf.find(b"\r\n", pos)
-    if end < 0:
-        raise NEED_MORE
-    kind = buf[pos]
-    if kind == 36:  # $ bulk string
-        size = int(buf[pos + 1 : end])
-        if size < 0:
-            return None, end + 2
-        stop = end + 2 + size
-        if stop + 2 > len(buf):
-            raise NEED_MORE
-        return buf[end + 2 : stop].decode(), stop + 2
-    if kind == 58:  # : integer
-        return int(buf[pos + 1 : end]), end + 2
-    if kind == 43:  # + simple string
-        return buf[pos + 1 : end].decode(), end + 2
-    if kind == 45:  # - error
-        return ReplyError(buf[pos + 1 : end].decode(errors="replace")), end + 2
-    if kind == 42:  # * array
-        count = int(buf[pos + 1 : end])
-        if count < 0:
-            return None, end + 2
-        pos, items = end + 2, []
-        for _ in range(count):
-            item, pos = parse(buf, pos)
-            items.append(item)
-        return items, pos
-    raise ValueError(f"unexpected RESP type byte {bytes([kind])!r}")
+def reader() -> hiredis.Reader:
+    """A RESP2 reply parser (hiredis): feed it bytes, ``gets()`` each whole reply (False
+    until one is complete). Strings come as ``str`` (invalid UTF-8 raises), error replies as
+    :class:`ReplyError` values (inside arrays too), not raised."""
+    return hiredis.Reader(replyError=ReplyError, encoding="utf-8", errors="strict")
 
 
 class _Protocol(asyncio.Protocol):
@@ -124,9 +81,7 @@ class _Protocol(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._waiting: deque[tuple[asyncio.Future[Any], float]] = deque()
         self._outgoing: list[bytes] = []
-        self._buffer = bytearray()
-        """The start of a reply still coming (appended in place: a large value arrives in
-        many chunks, and copying the whole buffer for each would be quadratic)."""
+        self._replies = reader()
         self._timer: asyncio.TimerHandle | None = None
         self.error: RedisError | None = None
         """Set once the connection is unusable: why."""
@@ -155,14 +110,10 @@ class _Protocol(asyncio.Protocol):
             self._transport.write(data)
 
     def data_received(self, data: bytes) -> None:
-        buf: bytes | bytearray = data
-        if self._buffer:
-            self._buffer += data
-            buf = self._buffer
-        pos, size, waiting = 0, len(buf), self._waiting
+        replies, waiting = self._replies, self._waiting
+        replies.feed(data)
         try:
-            while pos < size:
-                reply, pos = parse(buf, pos)
+            while (reply := replies.gets()) is not False:
                 if not waiting:
                     raise ValueError("a reply nobody asked for")
                 future = waiting.popleft()[0]
@@ -172,14 +123,8 @@ class _Protocol(asyncio.Protocol):
                     future.set_exception(reply)
                 else:
                     future.set_result(reply)
-        except _NeedMore:
-            pass
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, hiredis.ProtocolError) as exc:
             self.fail(RedisError(f"Redis protocol error from {self._where}: {exc}"))
-            return
-        if pos == 0 and buf is self._buffer:
-            return  # still inside the same reply
-        self._buffer = bytearray(buf[pos:]) if pos < size else bytearray()
 
     def _check_timeout(self) -> None:
         self._timer = None

@@ -30,7 +30,7 @@ from asap.state.resp import (
     ReplyError,
     Script,
     encode,
-    parse,
+    reader,
 )
 
 pytestmark = pytest.mark.anyio
@@ -80,17 +80,25 @@ def test_encode_and_parse_round_the_resp2_types() -> None:
     assert encode(["SET", "k", b"\x00", 12, 0.5]) == (
         b"*5\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\n\x00\r\n$2\r\n12\r\n$3\r\n0.5\r\n"
     )
-    with pytest.raises(TypeError):
-        encode(["SET", "k", True])
+    assert encode(("ZADD", 1795908414.4052246)).endswith(b"$18\r\n1795908414.4052246\r\n")
+    for bad in (True, None, ["x"]):
+        with pytest.raises(TypeError):
+            encode(["SET", "k", bad])  # type: ignore[list-item]
     reply = b"*5\r\n+OK\r\n:-3\r\n$-1\r\n*2\r\n$2\r\n\xc3\xa9\r\n*-1\r\n-ERR no\r\n+next\r\n"
-    value, end = parse(reply, 0)
-    assert value[:4] == ["OK", -3, None, ["é", None]]
-    assert isinstance(value[4], ReplyError) and str(value[4]) == "ERR no"
-    assert parse(reply, end) == ("next", len(reply))
-    for cut in range(1, end):  # every prefix of a reply is "need more", never a wrong value
-        with pytest.raises(Exception) as caught:
-            parse(reply[:cut], 0)
-        assert type(caught.value).__name__ == "_NeedMore"
+    end = reply.index(b"+next")
+    for cut in range(end):  # fed in two pieces, cut anywhere: one whole reply, nothing early
+        replies = reader()
+        replies.feed(reply[:cut])
+        assert replies.gets() is False
+        replies.feed(reply[cut:])
+        value = replies.gets()
+        assert value[:4] == ["OK", -3, None, ["é", None]]
+        assert isinstance(value[4], ReplyError) and str(value[4]) == "ERR no"
+        assert replies.gets() == "next" and replies.gets() is False
+    replies = reader()
+    replies.feed(b"$2\r\n\xff\xfe\r\n")
+    with pytest.raises(UnicodeDecodeError):
+        replies.gets()
 
 
 def test_url_options() -> None:
@@ -235,6 +243,34 @@ async def test_connect_failures_are_clear_errors(redis_up: None) -> None:
             writer.close()
         await stuck.aclose()
         await refused.aclose()
+
+
+async def test_a_server_speaking_garbage_fails_the_connection_clearly() -> None:
+    """A reply that is not RESP, or not UTF-8 text, fails what is in flight with a RedisError
+    naming the protocol error; the client reconnects for the next command."""
+    answers = iter([b"!nonsense\r\n", b"$2\r\n\xff\xfe\r\n"])
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1024)
+        writer.write(next(answers))
+        await writer.drain()
+        await reader.read(1024)  # until the client hangs up
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = Client(f"redis://127.0.0.1:{port}/0")
+    try:
+        for expected in ("Protocol error", "can't decode"):
+            with pytest.raises(RedisError, match=f"protocol error from 127.0.0.1:{port}: .*"):
+                try:
+                    await client.execute("PING")
+                except RedisError as exc:
+                    assert expected in str(exc)
+                    raise
+    finally:
+        await client.aclose()
+        server.close()
 
 
 async def test_auth_and_db(client: Client, prefix: str) -> None:
