@@ -21,7 +21,6 @@ from typing import Any
 
 import orjson
 from starlette.concurrency import run_in_threadpool
-from structlog.contextvars import bind_contextvars
 
 from asap import memory
 from asap.context import Context, current_deadline
@@ -41,7 +40,7 @@ from asap.models.envelope import Envelope
 from asap.models.ids import generate_id, generate_task_id
 from asap.models.payloads import TaskRequest
 from asap.observability import tracing
-from asap.observability.logging import get_logger
+from asap.observability.logging import bind_context, get_logger
 from asap.observability.metrics import Metrics
 from asap.registry import SkillRegistry, SkillSpec
 from asap.settings import Settings
@@ -521,7 +520,7 @@ class TaskManager:
         timeout = self.task_timeout(request)
         # the task runs in its own context: set and bound for its lifetime, no reset needed
         current_deadline.set(ctx.deadline)
-        bind_contextvars(
+        bind_context(
             trace_id=envelope.trace_id,
             correlation_id=envelope.id,
             skill_id=spec.id,

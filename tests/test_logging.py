@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
+import structlog
 
 from asap.models.envelope import Envelope
 from asap.models.payloads import TaskRequest
@@ -79,6 +80,25 @@ def test_console_and_json_output_bind_context_and_redact_secrets(
         assert first["trace_id"] == "t-1" and first["correlation_id"] == "c-1"
         assert first["authorization"] == "***"
         assert "trace_id" not in second
+
+        async def in_a_task() -> None:  # binds for itself, not for the code that started it
+            asap_logging.bind_context(task_id="t-2")
+            asap_logging.get_logger("test").info("demo.task")
+
+        asap_logging.bind_context(trace_id="t-1")
+        asyncio.run(in_a_task())
+        asap_logging.get_logger("test").info("demo.caller")
+        structlog.contextvars.bind_contextvars(user_key="u")  # structlog's own API works too
+        asap_logging.get_logger("test").info("demo.structlog", trace_id="given")
+        asap_logging.clear_context()
+        asap_logging.get_logger("test").info("demo.cleared")
+        task_line, caller, own, cleared = (
+            json.loads(x) for x in capsys.readouterr().out.splitlines()
+        )
+        assert (task_line["trace_id"], task_line["task_id"]) == ("t-1", "t-2")
+        assert caller["trace_id"] == "t-1" and "task_id" not in caller
+        assert (own["user_key"], own["trace_id"]) == ("u", "given")  # the line's value wins
+        assert "user_key" not in cleared and "trace_id" not in cleared
 
         asap_logging.configure_logging("console", "INFO", force=True)
         asap_logging.get_logger("test").info("demo.console", token="abc")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextvars
 import logging
 import os
 import sys
@@ -99,6 +100,28 @@ def _redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMap
 _PLAIN = frozenset({str, int, float, bool, type(None)})
 """Types of most logged values: nothing inside them to redact (checked before the slower
 ``Mapping`` test)."""
+
+
+_bound: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("asap_log_context")
+"""What :func:`bind_context` bound in this context: one variable holding every value, read
+once per line (structlog's ``merge_contextvars`` copies the whole context and scans every
+variable in it for each line)."""
+
+_structlog_bound = getattr(structlog.contextvars, "_CONTEXT_VARS", None)
+"""structlog's own context variables, by name: empty until someone calls
+``structlog.contextvars.bind_contextvars`` (None: structlog keeps them elsewhere now)."""
+
+
+def _merge_context(_: Any, method: str, event_dict: MutableMapping[str, Any]) -> Any:
+    """Values bound with :func:`bind_context` (and structlog's ``bind_contextvars``, which
+    user code may call), unless the line sets them itself."""
+    bound = _bound.get(None)
+    if bound:
+        for key, value in bound.items():
+            event_dict.setdefault(key, value)
+    if _structlog_bound is None or _structlog_bound:
+        structlog.contextvars.merge_contextvars(_, method, event_dict)
+    return event_dict
 
 
 def _add_timestamp(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> Any:
@@ -256,7 +279,7 @@ def configure_logging(
         return event_dict
 
     shared: list[Any] = [
-        structlog.contextvars.merge_contextvars,
+        _merge_context,
         structlog.processors.add_log_level,
         _add_timestamp,
         add_service,
@@ -311,10 +334,15 @@ def get_logger(name: str | None = None, **initial: Any) -> Any:
 
 
 def bind_context(**values: Any) -> None:
-    """Bind values (``trace_id``, ``correlation_id``, ...) to every log line of this context."""
-    structlog.contextvars.bind_contextvars(**values)
+    """Bind values (``trace_id``, ``correlation_id``, ...) to every log line of this context
+    (an asyncio task's, a thread's): on top of those bound before, which it may replace."""
+    bound = _bound.get(None)
+    _bound.set({**bound, **values} if bound else values)
 
 
 def clear_context() -> None:
-    """Remove every value bound with :func:`bind_context` in this context."""
-    structlog.contextvars.clear_contextvars()
+    """Remove every value bound with :func:`bind_context` in this context (and with
+    structlog's ``bind_contextvars``)."""
+    _bound.set({})
+    if _structlog_bound is None or _structlog_bound:
+        structlog.contextvars.clear_contextvars()
