@@ -156,6 +156,19 @@ def test_an_agent_stopped_by_sigterm_has_written_every_line(tmp_path: Path) -> N
     assert events[-1].startswith("Finished server process")
 
 
+def test_uvicorn_no_access_log_is_obeyed(tmp_path: Path) -> None:
+    port = free_port()
+    argv = ["-m", "uvicorn", "asap.server:app", "--port", str(port), "--no-access-log"]
+    agent = AgentProcess(argv, port, env={"ASAP_LOG_LEVEL": "INFO"}, log_path=tmp_path / "a.log")
+    with agent:
+        with httpx.Client() as client:
+            assert client.get(f"{agent.url}/health").status_code == 200
+            assert client.get(f"{agent.url}/ready").status_code == 200
+    text = (tmp_path / "a.log").read_text()
+    assert "Application startup complete" in text and "asap.server.started" in text
+    assert "GET /" not in text
+
+
 def test_sanitize_for_logging_redacts_nested_secret_fields() -> None:
     data = {"headers": {"Authorization": "Bearer x"}, "items": [{"api_key": "k", "ok": 1}]}
     assert asap_logging.sanitize_for_logging(data) == {

@@ -318,8 +318,10 @@ def configure_logging(
     # uvicorn installs its own handlers before importing the app; send its records to ours.
     # httpx logs every request at INFO; our client logs its own events.
     logging.getLogger("httpx").setLevel(max(numeric_level, logging.WARNING))
-    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+    for name in ("uvicorn", "uvicorn.error", _ACCESS):
         uvicorn_logger = logging.getLogger(name)
+        if name == _ACCESS and not uvicorn_logger.handlers and not uvicorn_logger.propagate:
+            continue  # how `uvicorn --no-access-log` leaves it: no access lines, no cost
         uvicorn_logger.handlers = []
         uvicorn_logger.propagate = True
     _configured = (log_format, level)
