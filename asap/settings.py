@@ -74,6 +74,10 @@ class Settings:
     """After start-up, move every object that exists to the garbage collector's permanent
     generation (``gc.freeze``), so full collections under load stay short. Turn off when the
     agent is embedded in a process whose start-up objects must stay collectable."""
+    gc_threshold: int = 10000
+    """The garbage collector's first-generation threshold (``gc.set_threshold``), set at
+    start-up: Python's 700 runs a collection every few requests, scanning every request in
+    flight each time; 0 leaves Python's. Process-wide, like ``gc_freeze``."""
     log_redact_keys: tuple[str, ...] = ()
     """More key names (parts) whose values never reach the logs, beyond password, token,
     secret, authorization, credential and api_key."""
@@ -139,6 +143,11 @@ class Settings:
         ):
             if getattr(self, name) < 1:
                 raise ConfigurationError(f"ASAP_{name.upper()} must be at least 1")
+        if self.gc_threshold < 0:
+            raise ConfigurationError(
+                "ASAP_GC_THRESHOLD must be 0 (Python's own) or a positive number of "
+                f"allocations, got {self.gc_threshold}"
+            )
         if self.task_retention_seconds < 0:
             raise ConfigurationError(
                 "ASAP_TASK_RETENTION_SECONDS must be 0 (keep finished tasks forever) or a "

@@ -6,6 +6,7 @@ Each test talks to an in-process echo agent through httpx (``echo_http`` or
 
 from __future__ import annotations
 
+import gc
 import gzip
 import hashlib
 import json
@@ -879,6 +880,20 @@ def test_bad_rate_limit_fails_at_app_creation() -> None:
     """A typo in rate_limit stops the app from being built."""
     with pytest.raises(ConfigurationError):
         create_app(echo_settings(rate_limit="lots/second"))
+
+
+async def test_the_gc_threshold_is_set_at_start_up() -> None:
+    before = gc.get_threshold()
+    try:
+        async with serve_in_process(create_app(echo_settings(gc_threshold=12345))):
+            assert gc.get_threshold() == (12345, *before[1:])
+        gc.set_threshold(*before)
+        async with serve_in_process(create_app(echo_settings(gc_threshold=0))):
+            assert gc.get_threshold() == before  # 0: Python's own, untouched
+    finally:
+        gc.set_threshold(*before)
+    with pytest.raises(ConfigurationError, match="ASAP_GC_THRESHOLD must be 0"):
+        create_app(echo_settings(gc_threshold=-1))
 
 
 # -- metrics (spec 6.2) --------------------------------------------------------------------------

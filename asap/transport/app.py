@@ -356,6 +356,8 @@ def create_app(
         if settings.gc_freeze:
             gc.collect()
             gc.freeze()
+        if settings.gc_threshold:
+            gc.set_threshold(settings.gc_threshold, *gc.get_threshold()[1:])
         memory.tune()  # large blocks mapped on their own, so freeing them frees the memory
         _log.info(
             "asap.server.started",
