@@ -169,6 +169,52 @@ def test_uvicorn_no_access_log_is_obeyed(tmp_path: Path) -> None:
     assert "GET /" not in text
 
 
+def test_access_lines_reach_whatever_is_added_on_their_way(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # uvicorn's access lines skip the logging module while ours is their only destination;
+    # a handler or filter someone adds still sees (or stops) them, and the line is the same.
+    access = logging.getLogger("uvicorn.access")
+    args = ("127.0.0.1:5000", "POST", "/asap", "1.1", 200)
+    seen: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    try:
+        asap_logging.configure_logging("json", "INFO", force=True)
+        access.info('%s - "%s %s HTTP/%s" %d', *args)  # the short way
+        logging.Logger.info(access, '%s - "%s %s HTTP/%s" %d', *args)  # the standard one
+        asap_logging.flush_logs()
+        short, standard = (json.loads(x) for x in capsys.readouterr().out.splitlines())
+        assert short.pop("timestamp") and standard.pop("timestamp")
+        assert (
+            short
+            == standard
+            == {
+                "event": '127.0.0.1:5000 - "POST /asap HTTP/1.1" 200',
+                "logger": "uvicorn.access",
+                "level": "info",
+                "service": "asap",
+            }
+        )
+        extra = Collect()
+        logging.getLogger().addHandler(extra)
+        access.info("with a second handler %d", 1)
+        logging.getLogger().removeHandler(extra)
+        access.addFilter(lambda record: "secret" not in record.getMessage())
+        access.info("a secret path")
+        access.info("a public path")
+        asap_logging.flush_logs()
+        events = [json.loads(x)["event"] for x in capsys.readouterr().out.splitlines()]
+        assert seen == ["with a second handler 1"]
+        assert events == ["with a second handler 1", "a public path"]
+    finally:
+        access.filters.clear()
+        asap_logging.configure_logging("console", "WARNING", force=True)
+
+
 def test_sanitize_for_logging_redacts_nested_secret_fields() -> None:
     data = {"headers": {"Authorization": "Bearer x"}, "items": [{"api_key": "k", "ok": 1}]}
     assert asap_logging.sanitize_for_logging(data) == {
