@@ -419,10 +419,10 @@ class TaskManager:
         envelope: Envelope,
         task_id: str,
         resume_from: StateSnapshot | None,
+        deadline: float | None,
     ) -> Context:
-        """The :class:`Context` a skill receives for one task."""
+        """The :class:`Context` a skill receives for one task (``deadline``: monotonic)."""
         request: TaskRequest = envelope.payload
-        timeout = self.task_timeout(request)
         return Context(
             task_id=task_id,
             conversation_id=request.conversation_id,
@@ -432,7 +432,7 @@ class TaskManager:
             agent_id=self.agent_id,
             logger=_skill_log,
             client=self.client,
-            deadline=time.monotonic() + timeout if timeout else None,
+            deadline=deadline,
             peers=self.peers,
             settings=self.settings,
             resumed=resume_from,
@@ -513,30 +513,42 @@ class TaskManager:
         """Run a skill; an exception becomes a ``failed`` task with a safe error, the deadline
         or a cancellation a ``failed`` or ``cancelled`` one."""
         request: TaskRequest = envelope.payload
-        ctx = self.make_context(spec, envelope, task_id, resume_from)
-        task_input = spec.parse_input(request.input)
-        args = (task_input, ctx) if spec.takes_context else (task_input,)
-        started = time.perf_counter()
         timeout = self.task_timeout(request)
+        deadline = time.monotonic() + timeout if timeout else None
+        task_input = spec.parse_input(request.input)
+        if spec.takes_context:
+            ctx = self.make_context(spec, envelope, task_id, resume_from, deadline)
+            args: tuple[Any, ...] = (task_input, ctx)
+        else:
+            args = (task_input,)
+        started = time.perf_counter()
         # the task runs in its own context: set and bound for its lifetime, no reset needed
-        current_deadline.set(ctx.deadline)
+        current_deadline.set(deadline)
         bind_context(
             trace_id=envelope.trace_id,
             correlation_id=envelope.id,
             skill_id=spec.id,
             task_id=task_id,
         )
-        attributes = {
-            "asap.payload_type": envelope.payload_type,
-            "asap.agent.urn": self.agent_id,
-            "asap.envelope.id": envelope.id,
-            "asap.skill.id": spec.id,
-            "asap.task.id": task_id,
-        }
+        span = (
+            tracing.span(
+                "asap.handler.execute",
+                envelope.extensions,
+                {
+                    "asap.payload_type": envelope.payload_type,
+                    "asap.agent.urn": self.agent_id,
+                    "asap.envelope.id": envelope.id,
+                    "asap.skill.id": spec.id,
+                    "asap.task.id": task_id,
+                },
+            )
+            if tracing.enabled()
+            else tracing.OFF
+        )
         if timeout:
             self._deadlines.watch(task_id, timeout)
         try:
-            with tracing.span("asap.handler.execute", envelope.extensions, attributes):
+            with span:
                 if spec.is_async:
                     value = await spec.func(*args)
                 else:

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
-__all__ = ["current_span_id", "setup_tracing", "span"]
+__all__ = ["OFF", "current_span_id", "enabled", "setup_tracing", "span"]
 
 _tracer: Any = None
 
@@ -79,14 +79,20 @@ def setup_tracing(service_name: str) -> bool:
     return True
 
 
-_OFF = nullcontext()
+OFF: AbstractContextManager[None] = nullcontext()
+"""What :func:`span` returns when tracing is off."""
+
+
+def enabled() -> bool:
+    """Whether spans are recorded (so that callers can skip building their attributes)."""
+    return _tracer is not None
 
 
 def span(
     name: str, extensions: dict[str, Any] | None, attributes: dict[str, Any]
 ) -> AbstractContextManager[None]:
     """A span under the caller's hop in ``extensions``; nothing when tracing is off."""
-    return _OFF if _tracer is None else _span(name, extensions, attributes)
+    return OFF if _tracer is None else _span(name, extensions, attributes)
 
 
 @contextmanager
