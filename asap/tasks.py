@@ -60,6 +60,8 @@ OUTBOX_WINDOW = 0.01
 """Seconds finished tasks wait in the outbox so that many are written in one transaction."""
 STOP_WRITE_ATTEMPTS = 3
 """Failed writes of the outbox in a row after which a stopping agent gives up on them."""
+UNPARSED: Any = object()
+"""A task's input not parsed yet (:meth:`SkillSpec.parse_input`)."""
 
 
 def instance_name() -> str:
@@ -281,10 +283,12 @@ class TaskManager:
         wait: bool = True,
         listener: Callable[[dict[str, Any]], None] | None = None,
         source: dict[str, Any] | None = None,
+        task_input: Any = UNPARSED,
     ) -> IdempotencyRecord:
         """Create the task and run it; with ``wait`` return its outcome, else at once.
         ``source``: the JSON the envelope was validated from, stored with the task (cheaper
-        than dumping the model).
+        than dumping the model); ``task_input``: the input the caller already parsed with
+        :meth:`SkillSpec.parse_input`, if it did.
 
         Refused with :class:`ThreadPoolExhaustedError` when ``max_concurrent_tasks`` run
         already: a clear overload reply rather than an unbounded queue.
@@ -318,7 +322,7 @@ class TaskManager:
         if not wait:  # the caller will ask about it: store it before answering
             record.request = stored_request(envelope, source)
             await self.storage.tasks.create(record)
-            self.launch(record, spec, None, envelope)
+            self.launch(record, spec, None, envelope, task_input)
             return IdempotencyRecord(fingerprint, record.id, TaskStatus.WORKING.value, None)
         # A task that ends within PERSIST_DELAY is stored once, with its outcome, and without
         # its request (a finished task is never run again): the request is copied only if
@@ -328,7 +332,7 @@ class TaskManager:
         self._pending_since[record.id] = asyncio.get_running_loop().time()
         if self._sweeper is None:
             self._sweep_later()
-        task = self.launch(record, spec, None, envelope)
+        task = self.launch(record, spec, None, envelope, task_input)
         try:
             outcome = await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -384,11 +388,12 @@ class TaskManager:
         spec: SkillSpec,
         resume_from: StateSnapshot | None,
         envelope: Envelope | None = None,
+        task_input: Any = UNPARSED,
     ) -> asyncio.Task[IdempotencyRecord]:
         """Run the task in the background and track it."""
         envelope = envelope or Envelope.model_validate(record.request)
         task = asyncio.create_task(
-            self._execute(record, spec, resume_from, envelope), name=record.id
+            self._execute(record, spec, resume_from, envelope, task_input), name=record.id
         )
         self.running[record.id] = task
         if self.metrics.multiprocess_dir:
@@ -445,9 +450,10 @@ class TaskManager:
         spec: SkillSpec,
         resume_from: StateSnapshot | None,
         envelope: Envelope,
+        task_input: Any = UNPARSED,
     ) -> IdempotencyRecord:
         assert self.storage is not None
-        status, result = await self.run_skill(spec, envelope, record.id, resume_from)
+        status, result = await self.run_skill(spec, envelope, record.id, resume_from, task_input)
         if status is TaskStatus.CANCELLED and self._stopping:
             if spec.resumable:  # left to another instance: its lease ends now
                 await self.persist(record.id)
@@ -509,13 +515,15 @@ class TaskManager:
         envelope: Envelope,
         task_id: str,
         resume_from: StateSnapshot | None = None,
+        task_input: Any = UNPARSED,
     ) -> tuple[TaskStatus, dict[str, Any] | None]:
         """Run a skill; an exception becomes a ``failed`` task with a safe error, the deadline
         or a cancellation a ``failed`` or ``cancelled`` one."""
         request: TaskRequest = envelope.payload
         timeout = self.task_timeout(request)
         deadline = time.monotonic() + timeout if timeout else None
-        task_input = spec.parse_input(request.input)
+        if task_input is UNPARSED:
+            task_input = spec.parse_input(request.input)
         if spec.takes_context:
             ctx = self.make_context(spec, envelope, task_id, resume_from, deadline)
             args: tuple[Any, ...] = (task_input, ctx)

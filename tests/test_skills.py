@@ -7,6 +7,7 @@ from typing import Any
 
 import httpx
 import pytest
+from pydantic import BaseModel, field_validator
 
 from asap import Context, SkillRegistry, skill
 from asap.errors import ConfigurationError
@@ -226,6 +227,37 @@ async def test_context_offers_the_shared_client_and_sub_requests() -> None:
     assert sub.payload.conversation_id == "conv-1"
     assert sub.payload.parent_task_id.startswith("task_")
     assert sub.trace_id == "trace-1" and sub.sender == "urn:asap:agent:echo-agent"
+
+
+validated: list[str] = []
+
+
+class Counted(BaseModel):
+    """An input that counts its validations."""
+
+    name: str
+
+    @field_validator("name")
+    @classmethod
+    def count(cls, value: str) -> str:
+        validated.append(value)
+        return value
+
+
+async def test_a_typed_input_is_validated_once_per_task() -> None:
+    @skill("counted")
+    async def counted(data: Counted) -> dict[str, Any]:
+        return {"name": data.name}
+
+    registry = SkillRegistry([counted])
+    async with serve_in_process(create_app(echo_settings(), registry)) as agent:
+        assert (await call(agent, "counted", {"name": "waited"}))["result"]
+        body = frame("counted", {"name": "respond-async"})
+        headers = {"prefer": "respond-async"}
+        assert (await agent.post("/asap", json=body, headers=headers)).json()["result"]
+        streamed = await agent.post("/asap/stream", json=frame("counted", {"name": "streamed"}))
+        assert '"status":"completed"' in streamed.text
+    assert sorted(validated) == ["respond-async", "streamed", "waited"]
 
 
 def test_settings_read_skills_and_ids_from_the_environment() -> None:

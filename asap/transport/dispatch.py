@@ -329,13 +329,18 @@ class Dispatcher:
         the caller sent ``Prefer: respond-async``."""
         request: TaskRequest = envelope.payload
         spec = self.tasks.find_skill(request.skill_id)
-        spec.parse_input(request.input)  # invalid input is -32602 before any task exists
+        task_input = spec.parse_input(request.input)  # invalid: -32602 before any task exists
         key = (request.config and request.config.idempotency_key) or meta.idempotency_key
         fingerprint = request_fingerprint(request) if key else ""
 
         async def execute() -> IdempotencyRecord:
             return await self.tasks.submit(
-                spec, envelope, fingerprint, wait=not meta.respond_async, source=meta.source
+                spec,
+                envelope,
+                fingerprint,
+                wait=not meta.respond_async,
+                source=meta.source,
+                task_input=task_input,
             )
 
         if key:
@@ -460,10 +465,15 @@ class Dispatcher:
             raise HandlerNotFoundError(envelope.payload_type, streaming=True)
         request: TaskRequest = envelope.payload
         spec = self.tasks.find_skill(request.skill_id)
-        spec.parse_input(request.input)
+        task_input = spec.parse_input(request.input)
         events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         record = await self.tasks.submit(
-            spec, envelope, wait=False, listener=events.put_nowait, source=source
+            spec,
+            envelope,
+            wait=False,
+            listener=events.put_nowait,
+            source=source,
+            task_input=task_input,
         )
         return self._stream_task(envelope, meta, record.task_id, events)
 
