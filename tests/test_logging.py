@@ -210,7 +210,12 @@ def test_access_lines_reach_whatever_is_added_on_their_way(
         events = [json.loads(x)["event"] for x in capsys.readouterr().out.splitlines()]
         assert seen == ["with a second handler 1"]
         assert events == ["with a second handler 1", "a public path"]
+        access.disabled = True  # as logging.config does to loggers it does not name
+        access.info("a disabled logger's line")
+        asap_logging.flush_logs()
+        assert capsys.readouterr().out == ""
     finally:
+        access.disabled = False
         access.filters.clear()
         asap_logging.configure_logging("console", "WARNING", force=True)
 

@@ -251,6 +251,7 @@ class _AccessLogger(logging.Logger):
         root = logging.root
         if (
             kwargs
+            or self.disabled
             or self.filters
             or self.handlers
             or not self.propagate
