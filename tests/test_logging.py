@@ -212,9 +212,13 @@ def test_access_lines_reach_whatever_is_added_on_their_way(
         assert events == ["with a second handler 1", "a public path"]
         access.disabled = True  # as logging.config does to loggers it does not name
         access.info("a disabled logger's line")
+        access.disabled = False
+        logging.getLogger("uvicorn").propagate = False  # its parent keeps its lines
+        access.info("a line stopped on its way")
         asap_logging.flush_logs()
         assert capsys.readouterr().out == ""
     finally:
+        logging.getLogger("uvicorn").propagate = True
         access.disabled = False
         access.filters.clear()
         asap_logging.configure_logging("console", "WARNING", force=True)

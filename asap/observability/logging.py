@@ -259,6 +259,7 @@ class _AccessLogger(logging.Logger):
             or handler.filters
             or root.handlers != [handler]
             or _uvicorn.handlers
+            or not _uvicorn.propagate
             or not self.isEnabledFor(logging.INFO)
         ):
             super().info(msg, *args, **kwargs)
