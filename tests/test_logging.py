@@ -182,12 +182,25 @@ def test_access_lines_reach_whatever_is_added_on_their_way(
         def emit(self, record: logging.LogRecord) -> None:
             seen.append(record.getMessage())
 
+    records: list[logging.LogRecord] = []
+    make_record = logging.getLogRecordFactory()
+
+    def counted(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        records.append(make_record(*args, **kwargs))
+        return records[-1]
+
+    logging.setLogRecordFactory(counted)
     try:
         asap_logging.configure_logging("json", "INFO", force=True)
         access.info('%s - "%s %s HTTP/%s" %d', *args)  # the short way
+        assert not records
         logging.Logger.info(access, '%s - "%s %s HTTP/%s" %d', *args)  # the standard one
+        assert len(records) == 1
+        access.info("%d placeholders, one argument %s", 2)  # reported on stderr, no raise
         asap_logging.flush_logs()
-        short, standard = (json.loads(x) for x in capsys.readouterr().out.splitlines())
+        out, err = capsys.readouterr()
+        assert "not enough arguments" in err
+        short, standard = (json.loads(x) for x in out.splitlines())
         assert short.pop("timestamp") and standard.pop("timestamp")
         assert (
             short
@@ -218,6 +231,7 @@ def test_access_lines_reach_whatever_is_added_on_their_way(
         asap_logging.flush_logs()
         assert capsys.readouterr().out == ""
     finally:
+        logging.setLogRecordFactory(make_record)
         logging.getLogger("uvicorn").propagate = True
         access.disabled = False
         access.filters.clear()

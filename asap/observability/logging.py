@@ -16,7 +16,7 @@ import os
 import sys
 import threading
 from collections.abc import Iterable, Mapping, MutableMapping
-from typing import Any, cast
+from typing import Any
 
 import orjson
 import structlog
@@ -257,6 +257,8 @@ class _AccessLogger(logging.Logger):
             or not self.propagate
             or handler is None
             or handler.filters
+            or handler.level > logging.INFO
+            or type(handler.formatter) is not _RecordFormatter
             or root.handlers != [handler]
             or _uvicorn.handlers
             or not _uvicorn.propagate
@@ -264,8 +266,13 @@ class _AccessLogger(logging.Logger):
         ):
             super().info(msg, *args, **kwargs)
             return
-        message = str(msg) % args if args else str(msg)
-        _lines.write(cast(_RecordFormatter, handler.formatter).line(message, self.name, "INFO"))
+        try:
+            message = str(msg) % args if args else str(msg)
+            line = handler.formatter.line(message, self.name, "INFO")
+        except Exception:  # the standard way reports it (handleError) and goes on
+            super().info(msg, *args, **kwargs)
+            return
+        _lines.write(line)
 
 
 _handler: _StdoutHandler | None = None
