@@ -34,6 +34,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +107,7 @@ def after_run(t: Target, redis: Redis | None) -> None:
         redis.delete(keys)
     database = t.cwd / "asap-state.db"
     if t.idempotency and not t.redis_prefix and database.exists():
-        with sqlite3.connect(database) as conn:
+        with closing(sqlite3.connect(database)) as conn:
             (records,) = conn.execute("SELECT count(*) FROM idempotency").fetchone()
         t.checks.append(
             f"{records:,} idempotency records in SQLite for {t.requests:,} requests counted by "

@@ -221,6 +221,12 @@ class Database:
             raise
         self._conn = conn
 
+    def _disconnect(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with suppress(sqlite3.Error):
+                conn.close()
+
     def _call(self, fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:
         if self._conn is None:
             raise StorageError(f"SQLite storage {self.path!r} is closed")
@@ -231,12 +237,16 @@ class Database:
         try:
             await asyncio.get_running_loop().run_in_executor(self._executor, self._connect)
             if self.path != ":memory:":  # a second connection would be another database
-                direct = sqlite3.connect(self.path, timeout=0, isolation_level=None)
-                direct.execute("PRAGMA busy_timeout = 0")
-                direct.execute("PRAGMA synchronous = NORMAL")
-                self._direct = direct
+                self._direct = sqlite3.connect(self.path, timeout=0, isolation_level=None)
+                self._direct.execute("PRAGMA busy_timeout = 0")
+                self._direct.execute("PRAGMA synchronous = NORMAL")
         except BaseException as exc:
             self._closed = True
+            if self._direct is not None:
+                self._direct.close()
+                self._direct = None
+            # on the worker thread (sqlite3 requires it), after a _connect still running there
+            self._executor.submit(self._disconnect)
             self._executor.shutdown(wait=False)
             if isinstance(exc, sqlite3.Error):
                 raise StorageError(f"SQLite: cannot open {self.path!r}: {exc}") from exc
@@ -396,10 +406,7 @@ class Database:
             with suppress(sqlite3.Error):
                 self._direct.close()
             self._direct = None
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with suppress(sqlite3.Error):
-                await asyncio.get_running_loop().run_in_executor(self._executor, conn.close)
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._disconnect)
         self._executor.shutdown(wait=False)
 
 

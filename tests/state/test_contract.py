@@ -16,6 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -476,7 +477,7 @@ async def _group_of_writes(db: Database, prefix: str) -> list[Any]:
 
 
 def _stored(path: Path, prefix: str) -> list[str]:
-    with sqlite3.connect(path) as conn:
+    with closing(sqlite3.connect(path)) as conn:
         rows = conn.execute("SELECT key FROM nonces WHERE key LIKE ?", (prefix + "-%",))
         return sorted(key for (key,) in rows)
 
