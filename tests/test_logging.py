@@ -238,6 +238,27 @@ def test_access_lines_reach_whatever_is_added_on_their_way(
         asap_logging.configure_logging("console", "WARNING", force=True)
 
 
+@pytest.mark.parametrize(
+    "event",
+    [
+        {"event": "asap.request.processed", "level": "info", "timestamp": "T", "n": 1},
+        {"event": "x" * 40, "level": "warning", "logger": "uvicorn.error", "service": "asap"},
+        {"event": "short", "level": "critical", "logger_name": "l", "logger": "k"},
+        {"event": "values", "s": "plain", "q": "a b", "e": "a=b", "t": "tab\there", "n": None},
+        {"event": "more", "f": 0.1, "b": True, "d": {"k": [1, "two"]}, "u": "é", "r": "it's"},
+        {"event": 42, "level": "info"},
+        {"level": "debug", "z": 1, "a": 2},
+        {"event": "", "timestamp": "", "level": "info"},
+        {"event": "failed", "level": "error", "exception": "Traceback (most recent...)"},
+        {"event": "stack", "level": "info", "stack": "Stack (most recent call last)"},
+    ],
+)
+def test_console_lines_read_as_structlogs_console_renderer(event: dict[str, Any]) -> None:
+    ours = asap_logging._ConsoleRenderer()
+    theirs = structlog.dev.ConsoleRenderer(colors=False)
+    assert ours(None, "info", dict(event)) == theirs(None, "info", dict(event))
+
+
 def test_sanitize_for_logging_redacts_nested_secret_fields() -> None:
     data = {"headers": {"Authorization": "Bearer x"}, "items": [{"api_key": "k", "ok": 1}]}
     assert asap_logging.sanitize_for_logging(data) == {
