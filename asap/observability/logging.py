@@ -306,6 +306,7 @@ class _ConsoleRenderer:
         self.full = structlog.dev.ConsoleRenderer(colors=False)
         levels = structlog.dev.ConsoleRenderer.get_default_level_styles(colors=False)
         self.level_width = len(max(levels, key=len))
+        self.event_width = self.full.pad_event_to
 
     def __call__(self, logger: Any, name: str, event_dict: MutableMapping[str, Any]) -> str:
         level = event_dict.get("level", "")
@@ -316,20 +317,19 @@ class _ConsoleRenderer:
             or not isinstance(level, str)
         ):
             return str(self.full(logger, name, event_dict))
-        parts = []
-        rest = dict(event_dict)
-        if (value := rest.pop("timestamp", _ABSENT)) is not _ABSENT:
+        parts = []  # the columns first, in structlog's order, then the rest by key
+        if (value := event_dict.pop("timestamp", _ABSENT)) is not _ABSENT:
             parts.append(str(value))
-        if rest.pop("level", _ABSENT) is not _ABSENT:
+        if event_dict.pop("level", _ABSENT) is not _ABSENT:
             parts.append(f"[{level.ljust(self.level_width)}]")
-        if (value := rest.pop("event", _ABSENT)) is not _ABSENT:
-            parts.append(str(value).ljust(30))
+        if (value := event_dict.pop("event", _ABSENT)) is not _ABSENT:
+            parts.append(str(value).ljust(self.event_width))
         for key in ("logger", "logger_name"):
-            if (value := rest.pop(key, _ABSENT)) is not _ABSENT:
+            if (value := event_dict.pop(key, _ABSENT)) is not _ABSENT:
                 parts.append(f"[{value}]")
         quoted = self._QUOTED
-        for key in sorted(rest):
-            value = rest[key]
+        for key in sorted(event_dict):
+            value = event_dict[key]
             if not isinstance(value, str) or not quoted.isdisjoint(value):
                 value = repr(value)
             parts.append(f"{key}={value}")
