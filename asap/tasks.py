@@ -138,10 +138,9 @@ class TaskManager:
         metrics.track_in_flight(lambda: len(self.running))
         self.pending: dict[str, TaskRecord] = {}
         """Records of running tasks not stored yet (see :meth:`persist`)."""
-        self._pending_since: dict[str, float] = {}
-        """When each pending record's task started (loop time, in that order)."""
-        self._pending_requests: dict[str, tuple[Envelope, dict[str, Any] | None]] = {}
-        """What each pending record's request is made from, if it is stored while it runs."""
+        self._pending_since: dict[str, tuple[float, Envelope, dict[str, Any] | None]] = {}
+        """When each pending record's task started (loop time, in that order), and what its
+        request is made from if it is stored while it runs (envelope, source JSON)."""
         self._sweeper: asyncio.TimerHandle | None = None
         self._deadlines = Deadlines()
         self.creating: dict[str, asyncio.Future[None]] = {}
@@ -328,8 +327,7 @@ class TaskManager:
         # its request (a finished task is never run again): the request is copied only if
         # the task is stored while it runs.
         self.pending[record.id] = record
-        self._pending_requests[record.id] = (envelope, source)
-        self._pending_since[record.id] = asyncio.get_running_loop().time()
+        self._pending_since[record.id] = (asyncio.get_running_loop().time(), envelope, source)
         if self._sweeper is None:
             self._sweep_later()
         task = self.launch(record, spec, None, envelope, task_input)
@@ -350,7 +348,7 @@ class TaskManager:
         tasks: a timer per task costs more than many short tasks do otherwise)."""
         self._sweeper = None
         started_before = asyncio.get_running_loop().time() - PERSIST_DELAY
-        for task_id, since in list(self._pending_since.items()):
+        for task_id, (since, _, _) in list(self._pending_since.items()):
             if since > started_before:
                 break
             asyncio.ensure_future(self._persist_quietly(task_id))
@@ -359,18 +357,17 @@ class TaskManager:
 
     def _unpend(self, task_id: str) -> TaskRecord | None:
         self._pending_since.pop(task_id, None)
-        self._pending_requests.pop(task_id, None)
         return self.pending.pop(task_id, None)
 
     async def persist(self, task_id: str) -> None:
         """Make sure a running task's record is stored (before its first checkpoint or
         progress report, and once it has run for ``PERSIST_DELAY``)."""
         assert self.storage is not None
-        request = self._pending_requests.get(task_id)
+        started = self._pending_since.get(task_id)
         record = self._unpend(task_id)
         if record is not None:
-            if request is not None:
-                record.request = stored_request(*request)
+            if started is not None:
+                record.request = stored_request(started[1], started[2])
             self.creating[task_id] = asyncio.ensure_future(self.storage.tasks.create(record))
         creating = self.creating.get(task_id)
         if creating is not None:
