@@ -1081,6 +1081,41 @@ def test_ids_differ_in_a_forked_child() -> None:
     assert child[10:26] != parent[10:26] and child[26:] != parent[26:]
 
 
+def test_ids_generated_by_many_threads_at_once_never_repeat() -> None:
+    """Threads share the read-ahead block of random bytes (sync skills run in a pool): with a
+    thread switch forced every microsecond, no two ids or trace ids may get the same bytes,
+    across many refills of the block."""
+    import sys
+    import threading
+
+    from asap.models.ids import generate_id, generate_span_id, generate_trace_id
+
+    per_thread = 5_000
+    results: list[list[str]] = []
+
+    def work() -> None:
+        mine = []
+        for _ in range(per_thread):
+            mine.append(generate_id()[10:])  # the random part
+            mine.append(generate_trace_id())
+            mine.append(generate_span_id())
+        results.append(mine)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=work) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    values = [value for mine in results for value in mine]
+    assert len(values) == 8 * 3 * per_thread
+    assert len(set(values)) == len(values)
+
+
 def test_utc_timestamp_is_now_written_as_format_timestamp_writes_it() -> None:
     """Reply envelopes are stamped by utc_timestamp: the reference's format, the current time."""
     import re
