@@ -339,7 +339,9 @@ class TaskManager:
         if task.cancelled():  # cancelled before it ran
             stored = await self.get(record.id)
             return IdempotencyRecord(fingerprint, stored.id, stored.status.value, stored.result)
-        outcome = task.result()
+        outcome: IdempotencyRecord = task.result()
+        if not fingerprint:  # the task's own outcome has none either
+            return outcome
         return IdempotencyRecord(fingerprint, outcome.task_id, outcome.status, outcome.result)
 
     def _sweep_later(self) -> None:

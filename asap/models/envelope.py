@@ -63,10 +63,7 @@ class Envelope(ASAPBaseModel):
             data = {k: v for k, v in data.items() if v is not None or k not in ("id", "timestamp")}
         return data
 
-    @field_validator("sender", "recipient")
-    @classmethod
-    def _agent_urn(cls, value: str) -> str:
-        return validate_agent_urn(value)
+    _agent_urn = field_validator("sender", "recipient")(validate_agent_urn)
 
     @field_validator("payload")
     @classmethod

@@ -5,8 +5,8 @@ from __future__ import annotations
 import itertools
 import os
 import threading
-from collections.abc import Iterator
 import time
+from collections.abc import Iterator
 
 __all__ = ["generate_id", "generate_span_id", "generate_task_id", "generate_trace_id"]
 

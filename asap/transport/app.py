@@ -476,7 +476,10 @@ def create_app(
             return _json(error_reply(exc, None))
         if isinstance(body, Response):
             return body
-        reply = await dispatcher.handle_body(body, meta)
+        if isinstance(body, dict):  # one request (a batch is a list)
+            reply: Any = await dispatcher.handle_frame(body, meta)
+        else:
+            reply = await dispatcher.handle_body(body, meta)
         if isinstance(reply, dict) and reply.get("error", {}).get("code") == OVERLOADED:
             return _overloaded(reply["error"]["data"])
         try:

@@ -15,6 +15,7 @@ import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import orjson
@@ -45,7 +46,6 @@ from asap.registry import SkillRegistry
 from asap.security import Authenticator, sender_mismatch
 from asap.settings import Settings
 from asap.tasks import TaskManager
-from asap.transport.idempotency import IdempotencyRecord
 from asap.transport.jsonrpc import (
     error_reply,
     parse_frame,
@@ -74,9 +74,11 @@ ERROR_TYPES: dict[type[ASAPError], str] = {
 """``error_type`` label of each error (spec 6.2); other errors use their class name."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RequestMeta:
-    """What the HTTP layer knows about a request that the protocol layer may use."""
+    """What the HTTP layer knows about a request that the protocol layer may use. Treated
+    as immutable (:meth:`for_frame` and ``dataclasses.replace`` make new ones); not frozen,
+    because a frozen dataclass's ``__init__`` costs four times as much, twice per request."""
 
     traceparent: str | None = None
     idempotency_key: str | None = None
@@ -197,7 +199,10 @@ class Dispatcher:
             if not (isinstance(params_key, str) and params_key):
                 params_key = meta.idempotency_key
             meta = meta.for_frame(params_key, source)
-            reply = await self.dispatch(envelope, meta)
+            handler = self.handlers.get(payload_key)  # route by normalized type (spec 1.4)
+            if handler is None:
+                raise HandlerNotFoundError(envelope.payload_type)
+            reply = await handler(envelope, meta)
             self.count(payload_key, started)
             return success_reply(reply, request_id)
         except ASAPError as exc:
@@ -317,13 +322,6 @@ class Dispatcher:
                 },
             )
 
-    async def dispatch(self, envelope: Envelope, meta: RequestMeta) -> dict[str, Any]:
-        """Route by normalized payload type (spec 1.4) and return the reply envelope."""
-        handler = self.handlers.get(envelope.payload_key)
-        if handler is None:
-            raise HandlerNotFoundError(envelope.payload_type)
-        return await handler(envelope, meta)
-
     async def on_task_request(self, envelope: Envelope, meta: RequestMeta) -> dict[str, Any]:
         """Run a skill as a stored task; reply with its outcome, or ``working`` at once when
         the caller sent ``Prefer: respond-async``."""
@@ -333,16 +331,15 @@ class Dispatcher:
         key = (request.config and request.config.idempotency_key) or meta.idempotency_key
         fingerprint = request_fingerprint(request) if key else ""
 
-        async def execute() -> IdempotencyRecord:
-            return await self.tasks.submit(
-                spec,
-                envelope,
-                fingerprint,
-                wait=not meta.respond_async,
-                source=meta.source,
-                task_input=task_input,
-            )
-
+        execute = partial(
+            self.tasks.submit,
+            spec,
+            envelope,
+            fingerprint,
+            wait=not meta.respond_async,
+            source=meta.source,
+            task_input=task_input,
+        )
         if key:
             assert self.tasks.storage is not None
             record, replayed = await self.tasks.storage.idempotency.run_once(
