@@ -131,6 +131,8 @@ class TaskManager:
         self.agent_id = agent_id
         self.metrics = metrics
         self.instance = settings.instance_id or instance_name()
+        self.lease = float(settings.task_lease_seconds)
+        """Seconds a lease on a running task lasts; renewed every third of it."""
         self.storage: Storage | None = None
         self.client: Any = None
         self.peers = settings.peer_urls()
@@ -203,10 +205,6 @@ class TaskManager:
             # its write in flight ends before the storage closes (else it fails, logged)
             await asyncio.wait([self._flusher])
         await self.flush()
-
-    @property
-    def lease(self) -> float:
-        return float(self.settings.task_lease_seconds)
 
     async def _maintain(self) -> None:
         while True:
@@ -467,8 +465,9 @@ class TaskManager:
             status = TaskStatus.FAILED
             result = {"error": {"type": "ShutdownError", "message": SHUTDOWN_MESSAGE}}
         await self.finish(record.id, status, result)
-        self.notify(record.id, {"final": True, "status": status.value, "result": result})
-        return IdempotencyRecord("", record.id, status.value, result)
+        if record.id in self.listeners:
+            self.notify(record.id, {"final": True, "status": status._value_, "result": result})
+        return IdempotencyRecord("", record.id, status._value_, result)
 
     async def finish(self, task_id: str, status: TaskStatus, result: dict[str, Any] | None) -> None:
         """Store a task's outcome, without its request. A task that was never stored goes to
@@ -543,31 +542,27 @@ class TaskManager:
             skill_id=spec.id,
             task_id=task_id,
         )
-        span = (
-            tracing.span(
-                "asap.handler.execute",
-                envelope.extensions,
-                {
+        if timeout:
+            self._deadlines.watch(task_id, timeout)
+        try:
+            if spec.is_async:
+                call = spec.func(*args)
+            else:
+                # A thread cannot be stopped: past the deadline we answer and stop
+                # waiting, and the thread finishes on its own.
+                call = run_in_threadpool(partial(spec.func, *args))
+            if tracing.enabled():  # the span's attributes only then
+                attributes = {
                     "asap.payload_type": envelope.payload_type,
                     "asap.agent.urn": self.agent_id,
                     "asap.envelope.id": envelope.id,
                     "asap.skill.id": spec.id,
                     "asap.task.id": task_id,
-                },
-            )
-            if tracing.enabled()
-            else tracing.OFF
-        )
-        if timeout:
-            self._deadlines.watch(task_id, timeout)
-        try:
-            with span:
-                if spec.is_async:
-                    value = await spec.func(*args)
-                else:
-                    # A thread cannot be stopped: past the deadline we answer and stop
-                    # waiting, and the thread finishes on its own.
-                    value = await run_in_threadpool(partial(spec.func, *args))
+                }
+                with tracing.span("asap.handler.execute", envelope.extensions, attributes):
+                    value = await call
+            else:
+                value = await call
             result = spec.dump_output(value)
             status = TaskStatus.COMPLETED
         except asyncio.CancelledError:
@@ -587,11 +582,10 @@ class TaskManager:
         finally:
             timed_out = self._deadlines.forget(task_id)
         elapsed = time.perf_counter() - started
-        _log.info(
-            "asap.request.processed", status=status.value, duration_ms=round(elapsed * 1000, 3)
-        )
+        outcome = status._value_  # .value is a Python-level property on 3.11
+        _log.info("asap.request.processed", status=outcome, duration_ms=round(elapsed * 1000, 3))
         timed_out = timed_out and status is TaskStatus.FAILED
-        self.metrics.skill_finished(spec.id, "timeout" if timed_out else status.value, elapsed)
+        self.metrics.skill_finished(spec.id, "timeout" if timed_out else outcome, elapsed)
         return status, result
 
     def deadline_error(self, spec: SkillSpec, timeout: int | None) -> dict[str, Any]:

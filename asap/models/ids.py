@@ -58,20 +58,21 @@ _PAIRS = [a + b for a in _CROCKFORD for b in _CROCKFORD]
 """The two characters of every 10-bit value."""
 
 
-def _time_part(milliseconds: int) -> str:
-    """The 10 characters of a ULID's 48-bit timestamp (computed once per millisecond)."""
+def _time_part(milliseconds: int) -> tuple[int, str]:
+    """A millisecond and the 10 characters of its 48-bit ULID timestamp (kept as
+    ``_stamp``: computed once per millisecond)."""
     global _stamp
-    if _stamp[0] != milliseconds:
-        text = "".join([_PAIRS[(milliseconds >> shift) & 1023] for shift in (40, 30, 20, 10, 0)])
-        _stamp = (milliseconds, text)
-    return _stamp[1]
+    text = "".join([_PAIRS[(milliseconds >> shift) & 1023] for shift in (40, 30, 20, 10, 0)])
+    _stamp = (milliseconds, text)
+    return _stamp
 
 
 def generate_id() -> str:
     """Return a new ULID: 26 characters of Crockford base32, sortable by creation time
     (48 bits of milliseconds, then 80 random bits, 5 from each of 16 random bytes)."""
-    prefix = _time_part(time.time_ns() // 1_000_000)
-    return prefix + _random.take(16).translate(_FIVE_BITS).decode()
+    milliseconds = time.time_ns() // 1_000_000
+    stamp = _stamp if _stamp[0] == milliseconds else _time_part(milliseconds)
+    return stamp[1] + _random.take(16).translate(_FIVE_BITS).decode()
 
 
 def generate_task_id() -> str:
