@@ -47,6 +47,7 @@ from asap.models.enums import TaskStatus
 from asap.models.envelope import Envelope, validate_agent_urn
 from asap.models.payloads import (
     McpToolResult,
+    TaskCancel,
     TaskMetrics,
     TaskRequest,
     TaskRequestConfig,
@@ -1131,3 +1132,94 @@ def test_utc_timestamp_is_now_written_as_format_timestamp_writes_it() -> None:
         parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
         assert before <= parsed <= after
         assert format_timestamp(parsed) == text
+
+
+# -- the lean validation path (validate_envelope) ---------------------------------------------
+
+
+def _captured_envelopes() -> list[dict[str, Any]]:
+    """Every envelope in the captured exchanges of tests/conformance/wire (good and bad)."""
+    import glob
+    from pathlib import Path
+
+    found = []
+    wire = Path(__file__).parent / "conformance" / "wire"
+    for path in sorted(glob.glob(str(wire / "*.json"))):
+        capture = json.loads(Path(path).read_text())
+        if not isinstance(capture, dict):
+            continue
+        body = capture.get("request", {}).get("body_json")
+        for frame in body if isinstance(body, list) else [body]:
+            params = frame.get("params") if isinstance(frame, dict) else None
+            envelope = params.get("envelope") if isinstance(params, dict) else None
+            if isinstance(envelope, dict):
+                found.append(envelope)
+    return found
+
+
+def _lean_cases() -> list[Any]:
+    urn = "urn:asap:agent:a"
+    cases: list[Any] = _captured_envelopes()
+    cases += [
+        envelope_data(),
+        envelope_data(id="E1", timestamp="2026-01-01T00:00:00Z", trace_id="t", extensions={}),
+        envelope_data(id=None),
+        envelope_data(timestamp=None),
+        envelope_data(sender=urn + "\n"),  # Python's $ accepts a final newline
+        envelope_data(sender=urn + ":b:c"),
+        envelope_data(recipient="urn:asap:agent:" + "a" * 241),  # 256 characters
+        envelope_data(recipient="urn:asap:agent:" + "a" * 242),  # 257
+        envelope_data(recipient="urn:asap:agent:é"),
+        envelope_data(sender=7),
+        envelope_data(payload_type="Task.Request"),
+        envelope_data(payload_type="TASK_REQUEST", payload={"skill_id": "echo"}),
+        envelope_data(payload=[1, 2]),
+        envelope_data(payload="text"),
+        envelope_data(payload=TaskRequest(conversation_id="c", skill_id="s", input={})),
+        envelope_data(payload=TaskCancel(task_id="t1")),
+        envelope_data(payload_type="task.cancel", payload={"task_id": "t1"}),
+        envelope_data(payload_type="task.response", payload={"task_id": "t", "status": "done"}),
+        envelope_data(payload_type="custom.thing", payload={"any": "thing"}),
+        envelope_data(payload_type=5),
+        envelope_data(unknown_key=1),
+        envelope_data(requires_ack="yes"),
+        envelope_data(extensions=[]),
+        envelope_data(timestamp="yesterday"),
+        {"payload_type": "task.request"},
+        "not an envelope",
+    ]
+    for variant in ("payload", "sender", "asap_version"):
+        data = envelope_data()
+        del data[variant]
+        cases.append(data)
+    return cases
+
+
+@pytest.mark.parametrize("data", _lean_cases())
+def test_validate_envelope_answers_as_model_validate_does(data: Any) -> None:
+    """The hot path's lean validation gives the same envelope, or the same errors, as the
+    model's full validation, for every captured envelope and each rule's edge cases."""
+    from asap.models.envelope import validate_envelope
+
+    try:
+        expected = Envelope.model_validate(data)
+    except ValidationError as exc:
+        with pytest.raises(ValidationError) as caught:
+            validate_envelope(data)
+        assert caught.value.json() == exc.json()
+        return
+    got = validate_envelope(data)
+    assert type(got) is Envelope
+    assert type(got.payload) is type(expected.payload)
+    generated = {key for key in ("id", "timestamp") if data.get(key) is None}
+    assert got.model_dump(exclude=generated) == expected.model_dump(exclude=generated)
+    assert got.model_fields_set == expected.model_fields_set
+
+
+def test_the_lean_validation_covers_every_payload_type_without_a_correlation_rule() -> None:
+    """Guard for pydantic upgrades: the lean validators are built from Envelope's core schema;
+    were its shape to change, every envelope would take the (correct, slower) full path."""
+    from asap.models.envelope import _LEAN
+    from asap.models.payloads import CORRELATED_PAYLOAD_TYPES, PAYLOAD_MODELS
+
+    assert set(_LEAN) == set(PAYLOAD_MODELS) - CORRELATED_PAYLOAD_TYPES

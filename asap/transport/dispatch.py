@@ -37,7 +37,7 @@ from asap.errors import (
 from asap.models.base import utc_timestamp
 from asap.models.entities import Manifest
 from asap.models.enums import TaskStatus
-from asap.models.envelope import Envelope
+from asap.models.envelope import Envelope, validate_envelope
 from asap.models.ids import generate_id, generate_span_id, generate_trace_id
 from asap.models.payloads import StateQuery, StateRestore, TaskCancel, TaskRequest
 from asap.observability.logging import get_logger
@@ -255,7 +255,7 @@ class Dispatcher:
         if stamped:  # given now (spec 1.2), as text: the stored request needs no formatting
             raw["timestamp"] = utc_timestamp()
         try:
-            envelope = Envelope.model_validate(raw)
+            envelope = validate_envelope(raw)
         except ValidationError as exc:
             raise InvalidParamsError(
                 {"error": "Invalid envelope structure", "validation_errors": validation_errors(exc)}
