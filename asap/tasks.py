@@ -36,7 +36,7 @@ from asap.errors import (
 from asap.models.base import format_timestamp
 from asap.models.entities import StateSnapshot
 from asap.models.enums import TaskStatus
-from asap.models.envelope import Envelope
+from asap.models.envelope import Envelope, validate_envelope
 from asap.models.ids import generate_id, generate_task_id
 from asap.models.payloads import TaskRequest
 from asap.observability import tracing
@@ -392,7 +392,7 @@ class TaskManager:
     ) -> asyncio.Task[IdempotencyRecord]:
         """Run the task in the background and track it; ``ended`` gets a result when it
         ends (unless cancelled by then)."""
-        envelope = envelope or Envelope.model_validate(record.request)
+        envelope = envelope or validate_envelope(record.request)
         task = asyncio.get_running_loop().create_task(
             self._execute(record, spec, resume_from, envelope, task_input), name=record.id
         )
