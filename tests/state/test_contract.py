@@ -783,6 +783,44 @@ async def test_rate_windows_refuse_past_the_limit_and_charge_nothing_then(
     assert await guard.charge("anyone", [], 1000) is None
 
 
+async def test_a_request_refused_by_a_later_window_is_charged_to_none(storage: Storage) -> None:
+    """Refused by its second window, a request leaves the first one as it was (on Redis the
+    windows are charged first and taken back, atomically)."""
+    from asap.transport.ratelimit import parse_rate_limit
+
+    hour = parse_rate_limit("10/hour")
+    both = parse_rate_limit("10/hour;4/day")
+    guard = storage.guard
+    assert await guard.charge("carol", both, 3) is None
+    refused = await guard.charge("carol", both, 2)  # the day's 3 + 2 > 4
+    assert refused is not None and refused[1].text == "4 per 1 day"
+    assert await guard.charge("carol", hour, 7) is None  # 3 + 7 = 10: the 2 were not charged
+    assert await guard.charge("carol", hour, 1) is not None
+
+
+async def test_redis_rate_windows_expire_even_when_their_first_charge_is_refused() -> None:
+    """Each window's key gets its expiry when the charge creates it, refused or not: no
+    counter outlives its window."""
+    import redis
+
+    from asap.transport.ratelimit import parse_rate_limit
+
+    require_redis()
+    prefix = f"asap-test:{uuid.uuid4().hex}:"
+    storage = await open_storage(REDIS_URL, key_prefix=prefix)
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        assert await storage.guard.charge("dave", parse_rate_limit("5/minute"), 2) is None
+        assert await storage.guard.charge("erin", parse_rate_limit("5/minute;1/hour"), 2)
+        keys = list(client.scan_iter(match=f"{prefix}rate:*"))
+        assert len(keys) == 3
+        assert all(0 < client.pttl(key) <= 3_601_000 for key in keys)
+    finally:
+        client.close()
+        await storage.aclose()
+        delete_redis_keys(prefix)
+
+
 async def test_create_many_stores_new_tasks_and_leaves_existing_ones(storage: Storage) -> None:
     """The outbox's batched write: one call for many short tasks, idempotent per id."""
     first = task("task-1", status=COMPLETED, result={"n": 1})
