@@ -47,10 +47,14 @@ def protect(secrets: Iterable[str] = (), keys: Iterable[str] = ()) -> None:
     _secrets = tuple(sorted({*_secrets, *(s for s in secrets if s)}, key=len, reverse=True))
     _sensitive_keys = tuple(dict.fromkeys([*_sensitive_keys, *(k.lower() for k in keys if k)]))
     _sensitive.clear()
+    _harmless.clear()
 
 
 _sensitive: dict[str, bool] = {}
 """Whether each key seen is sensitive: log lines use the same few keys over and over."""
+_harmless: set[str] = set()
+"""The keys of :data:`_sensitive` that are not sensitive, as a set: a whole line's keys are
+checked against it in one call."""
 
 
 def _is_sensitive(key: str) -> bool:
@@ -60,6 +64,8 @@ def _is_sensitive(key: str) -> bool:
         known = any(part in lowered for part in _sensitive_keys)
         if len(_sensitive) < 4096:
             _sensitive[key] = known
+            if not known:
+                _harmless.add(key)
     return known
 
 
@@ -85,6 +91,10 @@ def sanitize_for_logging(value: Any) -> Any:
 
 
 def _redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    # The usual line: every key known harmless and every value plain (nothing inside it to
+    # redact), checked in two calls that loop in C.
+    if _harmless.issuperset(event_dict) and _PLAIN.issuperset(map(type, event_dict.values())):
+        return event_dict
     known = _sensitive
     for key, value in event_dict.items():
         sensitive = known.get(key)
