@@ -289,8 +289,11 @@ class Client:
 
     async def run(self, script: Script, keys: Sequence[Arg], args: Sequence[Arg]) -> Any:
         """Run ``script`` with ``EVALSHA``, sending its text (``EVAL``) if Redis lacks it."""
+        protocol = self._protocol  # as execute() does, without its coroutine
+        if protocol is None or protocol.error is not None:
+            protocol = await self._connection()
         try:
-            return await self.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+            return await protocol.send(encode(("EVALSHA", script.sha, len(keys), *keys, *args)))
         except ReplyError as exc:
             if not _noscript(exc):
                 raise
