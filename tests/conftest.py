@@ -92,6 +92,31 @@ def isolated_storage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]
         os.environ["ASAP_STORAGE_URL"] = previous
 
 
+def delete_redis_keys(prefix: str, url: str = "redis://127.0.0.1:6379/0") -> None:
+    """Delete every key under ``prefix`` (what a test wrote to Redis)."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        keys = list(client.scan_iter(match=prefix + "*", count=1000))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
+REDIS_PREFIXES: list[str] = []
+"""Key prefixes handed to agents under test (``tests.security.common.redis_url``), deleted
+when the session ends."""
+
+
+@pytest.fixture(scope="session", autouse=True)
+def forget_redis_prefixes() -> Iterator[None]:
+    yield
+    for prefix in REDIS_PREFIXES:
+        delete_redis_keys(prefix)
+
+
 @pytest.fixture
 async def echo_http() -> AsyncIterator[httpx.AsyncClient]:
     """Raw HTTP access to an in-process echo agent."""

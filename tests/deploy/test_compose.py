@@ -37,7 +37,7 @@ import yaml
 
 from asap.models.ids import generate_id
 from asap.process import AgentProcess, free_port
-from tests.conftest import ROOT, asap_send
+from tests.conftest import ROOT, asap_send, delete_redis_keys
 
 pytestmark = pytest.mark.e2e
 
@@ -464,23 +464,13 @@ def fleet(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fle
     finally:
         for agent in [*workers, *([orchestrator] if orchestrator else [])]:
             agent.stop()
-        forget_keys(namespace)
+        delete_redis_keys(namespace, f"redis://{LOOPBACK}:{REDIS_PORT}/0")
 
 
 def redis_client() -> Any:
     import redis
 
     return redis.Redis(host=LOOPBACK, port=REDIS_PORT, db=0)
-
-
-def forget_keys(namespace: str) -> None:
-    client = redis_client()
-    try:
-        keys = list(client.scan_iter(match=namespace + "*", count=1000))
-        if keys:
-            client.delete(*keys)
-    finally:
-        client.close()
 
 
 def task_records(namespace: str, agent_prefix: str) -> dict[str, dict[str, Any]]:

@@ -15,7 +15,7 @@ import pytest
 
 from asap.models.ids import generate_id
 from asap.process import AgentProcess, free_port
-from tests.conftest import asap_send
+from tests.conftest import asap_send, delete_redis_keys
 
 pytestmark = pytest.mark.e2e
 
@@ -192,17 +192,4 @@ def test_two_processes_on_redis_are_one_agent(tmp_path: Path) -> None:
     finally:
         for agent in agents:
             agent.stop()
-        forget_keys(prefix)
-
-
-def forget_keys(prefix: str) -> None:
-    """Delete what the test wrote to Redis."""
-    import redis
-
-    client = redis.Redis(host="127.0.0.1", port=6379, db=0)
-    try:
-        keys = list(client.scan_iter(match=prefix + "*"))
-        if keys:
-            client.delete(*keys)
-    finally:
-        client.close()
+        delete_redis_keys(prefix)

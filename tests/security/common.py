@@ -11,7 +11,7 @@ import pytest
 
 from asap.models.ids import generate_id
 from asap.process import AgentProcess
-from tests.conftest import asap_send
+from tests.conftest import REDIS_PREFIXES, asap_send
 
 ALICE, BOB = "urn:asap:agent:alice", "urn:asap:agent:bob"
 ALICE_TOKEN = "alice-token-0123456789abcdef"
@@ -61,7 +61,9 @@ def redis_url() -> str:
         if os.environ.get("CI"):
             pytest.fail(reason)
         pytest.skip(reason)
-    return f"redis://127.0.0.1:6379/0?prefix=asap-test-{generate_id()}:"
+    prefix = f"asap-test-{generate_id()}:"
+    REDIS_PREFIXES.append(prefix)  # deleted when the session ends
+    return f"redis://127.0.0.1:6379/0?prefix={prefix}"
 
 
 def start_uvicorn(

@@ -30,6 +30,7 @@ from asap.state import open_storage
 from asap.state.sqlite import Database
 from asap.state.store import SnapshotConflictError, Storage, StorageError, TaskRecord
 from asap.transport.idempotency import Heartbeats, IdempotencyRecord
+from tests.conftest import delete_redis_keys
 
 pytestmark = pytest.mark.anyio
 
@@ -66,18 +67,6 @@ def require_redis() -> None:
         pytest.skip(reason)
 
 
-def delete_redis_keys(prefix: str) -> None:
-    import redis
-
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
-        if keys:
-            client.delete(*keys)
-    finally:
-        client.close()
-
-
 @pytest.fixture(params=["memory", "sqlite", "redis"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
     if request.param == "memory":
@@ -88,7 +77,7 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
         require_redis()
         prefix = f"asap-test:{uuid.uuid4().hex}:"
         yield Backend("redis", REDIS_URL, {"key_prefix": prefix})
-        delete_redis_keys(prefix)
+        delete_redis_keys(prefix, REDIS_URL)
 
 
 @pytest.fixture
@@ -818,7 +807,7 @@ async def test_redis_rate_windows_expire_even_when_their_first_charge_is_refused
     finally:
         client.close()
         await storage.aclose()
-        delete_redis_keys(prefix)
+        delete_redis_keys(prefix, REDIS_URL)
 
 
 async def test_create_many_stores_new_tasks_and_leaves_existing_ones(storage: Storage) -> None:
