@@ -140,20 +140,20 @@ class _Write:
 def _apply(
     conn: sqlite3.Connection, writes: list[_Write]
 ) -> list[tuple[_Write, Any, BaseException | None]]:
-    """Run ``writes`` in the transaction open on ``conn``, each in a savepoint, and commit:
-    each write's result or exception (every write's, when the commit fails)."""
+    """Run ``writes`` in the transaction open on ``conn`` and commit: each write's result or
+    exception (every write's, when the commit fails). They run together in one savepoint;
+    should one raise, that savepoint is rolled back and they run again each in its own, so
+    that only the failing one is lost (writes depend on nothing but the database, so running
+    one again gives what it would have given)."""
     done: list[tuple[_Write, Any, BaseException | None]] = []
     try:
-        for write in writes:
-            conn.execute("SAVEPOINT asap_write")
-            try:
-                result = write.fn(conn, *write.args)
-            except Exception as exc:
-                conn.execute("ROLLBACK TO asap_write")
-                done.append((write, None, exc))
-            else:
-                done.append((write, result, None))
-            conn.execute("RELEASE asap_write")
+        conn.execute("SAVEPOINT asap_writes")
+        try:
+            done = [(write, write.fn(conn, *write.args), None) for write in writes]
+        except Exception:
+            conn.execute("ROLLBACK TO asap_writes")
+            done = [_apply_alone(conn, write) for write in writes]
+        conn.execute("RELEASE asap_writes")
         conn.execute("COMMIT")
     except sqlite3.Error as exc:  # nothing was committed: every write failed
         if conn.in_transaction:
@@ -161,6 +161,21 @@ def _apply(
                 conn.execute("ROLLBACK")
         return [(w, None, exc) for w in writes]
     return done
+
+
+def _apply_alone(
+    conn: sqlite3.Connection, write: _Write
+) -> tuple[_Write, Any, BaseException | None]:
+    """One write in a savepoint of its own: rolled back alone if it raises."""
+    conn.execute("SAVEPOINT asap_write")
+    try:
+        result = write.fn(conn, *write.args)
+    except Exception as exc:
+        conn.execute("ROLLBACK TO asap_write")
+        return write, None, exc
+    finally:
+        conn.execute("RELEASE asap_write")
+    return write, result, None
 
 
 def _deliver(done: list[tuple[_Write, Any, BaseException | None]]) -> None:
