@@ -499,6 +499,38 @@ async def test_sqlite_group_commit_rolls_back_only_the_write_that_failed(tmp_pat
         await db.aclose()
 
 
+async def test_sqlite_checkpoints_run_off_the_hot_connections(tmp_path: Path) -> None:
+    """No commit checkpoints (SQLite's automatic checkpoint stalled the commit that crossed
+    1,000 pages of log for milliseconds); the checkpointer's thread copies the log back into
+    the file within about a second. In WAL mode only a checkpoint writes to the main file, so
+    its growth shows the checkpointer at work: these few hundred KiB of rows are far below the
+    4 MiB at which an automatic checkpoint would have run."""
+    from asap.state.sqlite import CHECKPOINT_INTERVAL
+
+    path = tmp_path / "c.db"
+    db = Database(str(path), busy_timeout=5)
+    await db.open()
+    try:
+        assert db._direct is not None
+        assert db._direct.execute("PRAGMA wal_autocheckpoint").fetchone() == (0,)
+        assert await db.run_in_thread(
+            lambda conn: conn.execute("PRAGMA wal_autocheckpoint").fetchone()
+        ) == (0,)
+        before = path.stat().st_size
+        for batch in range(20):
+            await asyncio.gather(*(db.write(_insert, f"row-{batch}-{i}") for i in range(100)))
+        assert (tmp_path / "c.db-wal").stat().st_size > 100_000
+        deadline = time.monotonic() + 5 + 3 * CHECKPOINT_INTERVAL
+        while time.monotonic() < deadline:  # a file's size has no event to wait on: poll it
+            if path.stat().st_size > before:
+                break
+            await asyncio.sleep(0.05)
+        assert path.stat().st_size > before
+        assert len(_stored(path, "row")) == 2000
+    finally:
+        await db.aclose()
+
+
 async def test_sqlite_group_commit_waits_for_another_process_lock(tmp_path: Path) -> None:
     path = tmp_path / "l.db"
     db = Database(str(path), busy_timeout=5)
