@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
-__all__ = ["OFF", "current_span_id", "enabled", "setup_tracing", "span"]
+__all__ = ["current_span_id", "enabled", "setup_tracing", "span"]
 
 _tracer: Any = None
 
@@ -79,7 +79,7 @@ def setup_tracing(service_name: str) -> bool:
     return True
 
 
-OFF: AbstractContextManager[None] = nullcontext()
+_OFF: AbstractContextManager[None] = nullcontext()
 """What :func:`span` returns when tracing is off."""
 
 
@@ -92,7 +92,7 @@ def span(
     name: str, extensions: dict[str, Any] | None, attributes: dict[str, Any]
 ) -> AbstractContextManager[None]:
     """A span under the caller's hop in ``extensions``; nothing when tracing is off."""
-    return OFF if _tracer is None else _span(name, extensions, attributes)
+    return _OFF if _tracer is None else _span(name, extensions, attributes)
 
 
 @contextmanager

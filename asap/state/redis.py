@@ -120,15 +120,13 @@ end
 """Write a task: KEYS = hash, ``leases``, ``finished``; ARGV = id, record JSON, status, owner,
 lease_until, cancel_requested, whether it is in ``leases``, its ``finished`` score (its
 ``updated_at`` when its status is terminal, else empty: a status never leaves terminal)."""
-CREATE_TASK = """
+CREATE_TASK = (
+    WRITE_TASK_LUA
+    + """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], 'record', ARGV[2], 'status', ARGV[3], 'owner', ARGV[4],
-           'lease_until', ARGV[5], 'cancel_requested', ARGV[6], 'rev', 1)
-if ARGV[7] == '1' then redis.call('ZADD', KEYS[2], ARGV[5], ARGV[1]) end
-if ARGV[8] ~= '' then redis.call('ZADD', KEYS[3], ARGV[8], ARGV[1]) end
-return 1
+return write()
 """
-"""A new task: what ``write`` does, in fewer commands (nothing to remove, revision 1)."""
+)
 CHANGE_TASK = (
     WRITE_TASK_LUA
     + """
