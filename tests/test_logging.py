@@ -287,3 +287,29 @@ def test_a_json_log_event_is_one_line_whatever_a_caller_sent(
         assert json.loads(lines[0])["skill"] == hostile
     finally:
         asap_logging.configure_logging("console", "WARNING", force=True)
+
+
+def test_a_logger_follows_every_later_configuration(capsys: pytest.CaptureFixture[str]) -> None:
+    """Loggers are made at import (``_log = get_logger(...)``), before the server reads its
+    settings: each line goes out in the format and at the level configured last."""
+    try:
+        asap_logging.configure_logging("console", "WARNING", force=True)
+        log = asap_logging.get_logger("test", part="early")
+        log.info("demo.filtered")
+        log.warning("demo.console")
+        asap_logging.flush_logs()
+        out = capsys.readouterr().out
+        assert "demo.filtered" not in out and "demo.console" in out and "part=early" in out
+
+        asap_logging.configure_logging("json", "INFO", force=True)
+        log.info("demo.json")
+        asap_logging.flush_logs()
+        line = json.loads(capsys.readouterr().out)
+        assert (line["event"], line["level"], line["part"]) == ("demo.json", "info", "early")
+
+        asap_logging.configure_logging("json", "ERROR", force=True)
+        log.warning("demo.below")
+        asap_logging.flush_logs()
+        assert capsys.readouterr().out == ""
+    finally:
+        asap_logging.configure_logging("console", "WARNING", force=True)

@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import threading
+import weakref
 from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any
 
@@ -425,14 +426,49 @@ def configure_logging(
         if name == _ACCESS and type(uvicorn_logger) is logging.Logger:
             uvicorn_logger.__class__ = _AccessLogger
     _configured = (log_format, level)
+    for logger in list(_loggers):
+        logger._renew()
+
+
+class _Logger:
+    """What :func:`get_logger` returns: the logging methods of a structlog bound logger made
+    with the current configuration, made again each time logging is configured. A call goes
+    straight to structlog's method (its lazy proxy found the method through ``__getattr__`` on
+    every call, a failed attribute lookup first, even for a line filtered out by its level),
+    and a logger made at import follows a configuration made later (the proxy, once used,
+    kept the configuration it was first used with). Everything else (``bind``, ``new``,
+    ...) is the bound logger's."""
+
+    _METHODS = ("debug", "info", "warning", "warn", "error", "exception", "critical", "fatal")
+
+    def __init__(self, name: str | None, initial: dict[str, Any]) -> None:
+        self._name, self._initial = name, initial
+        self._renew()
+        _loggers.add(self)
+
+    def _renew(self) -> None:
+        bound = structlog.get_logger(self._name).bind(**self._initial)
+        self._bound = bound
+        for method in self._METHODS:
+            setattr(self, method, getattr(bound, method))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._bound, name)
+
+    def __repr__(self) -> str:
+        return f"<asap logger {self._name!r} {self._bound!r}>"
+
+
+_loggers: weakref.WeakSet[_Logger] = weakref.WeakSet()
+"""Every logger :func:`get_logger` made that is still in use: renewed by each configuration."""
 
 
 def get_logger(name: str | None = None, **initial: Any) -> Any:
-    """Return a structlog logger, configuring logging on first use."""
+    """Return a structlog logger, configuring logging on first use. It follows every later
+    :func:`configure_logging` (format, level); what its ``bind`` returns does not."""
     if _configured is None:
         configure_logging()
-    logger = structlog.get_logger(name)
-    return logger.bind(**initial) if initial else logger
+    return _Logger(name, initial)
 
 
 def bind_context(**values: Any) -> None:
