@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import logging
 import time
@@ -300,6 +301,7 @@ def test_a_logger_follows_every_later_configuration(capsys: pytest.CaptureFixtur
         asap_logging.flush_logs()
         out = capsys.readouterr().out
         assert "demo.filtered" not in out and "demo.console" in out and "part=early" in out
+        assert copy.copy(log).info == log.info  # a copy (or a pickle) finds its methods
 
         asap_logging.configure_logging("json", "INFO", force=True)
         log.info("demo.json")

@@ -453,6 +453,8 @@ class _Logger:
             setattr(self, method, getattr(bound, method))
 
     def __getattr__(self, name: str) -> Any:
+        if name == "_bound" or name.startswith("__"):  # not made yet (copy, pickle): no loop
+            raise AttributeError(name)
         return getattr(self._bound, name)
 
     def __repr__(self) -> str:
