@@ -173,24 +173,33 @@ def milliseconds(seconds: float) -> int:
     return max(1, int(seconds * 1000))
 
 
-CHARGE_RATE = """
-local cost = tonumber(ARGV[1])
-local full = 0
+RESERVE_RATE = """
+local need, take, room, tightest = tonumber(ARGV[1]), tonumber(ARGV[2]), nil, 1
 for i, key in ipairs(KEYS) do
-  local used = redis.call('INCRBY', key, cost)
-  if used == cost then redis.call('PEXPIRE', key, ARGV[i * 2 + 1]) end
-  if full == 0 and used > tonumber(ARGV[i * 2]) then full = i end
+  local free = tonumber(ARGV[i * 2 + 1]) - tonumber(redis.call('GET', key) or '0')
+  if free < need then return {0, free, i} end
+  if room == nil or free < room then room, tightest = free, i end
 end
-if full ~= 0 then
-  for _, key in ipairs(KEYS) do redis.call('DECRBY', key, cost) end
+if room < take then take = room end
+for i, key in ipairs(KEYS) do
+  if redis.call('INCRBY', key, take) == take then redis.call('PEXPIRE', key, ARGV[i * 2 + 2]) end
 end
-return full
+return {take, room - take, tightest}
 """
-"""Charge ``cost`` to every window (KEYS), or to none: the index of the first full one.
-Incremented first and taken back when refused (atomic: nobody sees the difference), so the
-usual charge is one command per window; a window's key gets its expiry when created."""
+"""Reserve at least ARGV[1] and at most ARGV[2] requests in every window (KEYS; then per
+window its count and the expiry its key gets when created), or none. Returns the number
+reserved (0: refused), the room left in the tightest window (the one that refused), and that
+window's index."""
+RESERVE_SHARE, RESERVE_MAX = 100, 64
+"""A reservation takes up to 1/RESERVE_SHARE of the smallest window's count, at most
+RESERVE_MAX requests (at least the request's cost)."""
+ROOM_KNOWN = 1.0
+"""Seconds a process trusts the room Redis reported: refuses requests that need more without
+asking again."""
+MAX_RESERVED = 10_000
+"""Senders whose reservations a process keeps before it forgets those of past windows."""
 SCRIPTS = {
-    "rate": CHARGE_RATE,
+    "rate": RESERVE_RATE,
     "append": APPEND_SNAPSHOT,
     "save": SAVE_SNAPSHOT,
     "latest": LATEST_SNAPSHOT,
@@ -534,12 +543,33 @@ class RedisIdempotencyStore(SharedIdempotencyStore):
         await self._conn.aclose()
 
 
+class _Reservation:
+    """What a process holds of one sender's current windows (see :meth:`RedisGuardStore.charge`)."""
+
+    __slots__ = ("full", "known_until", "left", "reserving", "room", "windows")
+
+    def __init__(self, windows: tuple[int, ...]) -> None:
+        self.windows = windows
+        self.left = 0
+        """Requests reserved in Redis and not used yet."""
+        self.room = 0
+        """The room Redis had left when last asked (it only shrinks within the windows, unless
+        someone deletes the counters), trusted until ``known_until``."""
+        self.known_until = 0.0
+        self.full = 0
+        """The window (1-based index) with that room."""
+        self.reserving: asyncio.Future[None] | None = None
+        """Done when the reservation in flight is back."""
+
+
 class RedisGuardStore(GuardStore):
     """``nonce:<key>`` set with ``NX PX``; ``rate:{<key>}:<seconds>:<count>:<window>``
-    counters checked and charged by one Lua script, so every worker and host shares both."""
+    counters shared by every worker and host, from which each process reserves requests in
+    blocks (:meth:`charge`)."""
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
+        self._reserved: dict[tuple[str, tuple[RateLimit, ...]], _Reservation] = {}
 
     async def use_nonce(self, key: str, ttl: float) -> bool:
         name = f"{self._conn.prefix}nonce:{key}"
@@ -549,20 +579,77 @@ class RedisGuardStore(GuardStore):
     async def charge(
         self, key: str, limits: list[RateLimit], cost: int = 1
     ) -> tuple[int, RateLimit] | None:
+        """Charge ``cost`` to what this process has reserved in ``key``'s current windows;
+        when that is not enough, reserve more with one script, which counts them in Redis for
+        every window at once, or refuses when a window has no room for the rest.
+
+        A reservation is up to a hundredth of the smallest window's count, at most 64
+        requests, so a busy worker reaches Redis once per block rather than once per request;
+        concurrent requests of one sender wait for the reservation in flight rather than make
+        their own. No window ever admits more than its count across all workers; a sender
+        spread over N workers may be refused up to N blocks short of it (what the others hold
+        unused), and a limit under 200 per window is charged request by request, exactly.
+        For a second after Redis has refused a window, requests that need more than the room
+        it reported are refused here without asking again (a flood over the limit costs Redis
+        one call a second per worker)."""
         if not limits:
             return None
-        now = time.time()
-        keys, args = [], [cost]
-        for limit in limits:
-            window = int(now // limit.seconds)
+        slot = (key, tuple(limits))
+        while True:
+            now = time.time()
+            windows = tuple(int(now // limit.seconds) for limit in limits)
+            held = self._reserved.get(slot)
+            if held is None or held.windows != windows:
+                if held is None and len(self._reserved) >= MAX_RESERVED:
+                    self._forget_past(now)
+                held = self._reserved[slot] = _Reservation(windows)
+            if held.left >= cost:
+                held.left -= cost
+                return None
+            need = cost - held.left
+            if need > held.room and now < held.known_until:
+                return refusal(limits[held.full - 1], now)
+            if held.reserving is None:
+                break
+            await asyncio.shield(held.reserving)
+        block = min(RESERVE_MAX, *(limit.count // RESERVE_SHARE for limit in limits))
+        keys, args = [], [need, max(need, block)]
+        for limit, window in zip(limits, windows, strict=True):
             keys.append(f"{self._conn.prefix}rate:{{{key}}}:{limit.seconds}:{limit.count}:{window}")
             reset = (window + 1) * limit.seconds - now
             args += [limit.count, milliseconds(reset + 1)]
-        full = int(await self._conn.script("rate", keys, args))
-        if not full:
+        left, held.left = held.left, 0  # this request's, unless it is refused
+        held.reserving = done = asyncio.get_running_loop().create_future()
+        try:
+            taken, held.room, held.full = await self._conn.script("rate", keys, args)
+            held.known_until = now + ROOM_KNOWN
+        except BaseException:
+            held.left += left
+            raise
+        finally:
+            held.reserving = None
+            done.set_result(None)
+        if taken:
+            held.left += taken - need
             return None
-        limit = limits[full - 1]
-        return max(1, math.ceil((int(now // limit.seconds) + 1) * limit.seconds - now)), limit
+        held.left += left
+        return refusal(limits[held.full - 1], now)
+
+    def _forget_past(self, now: float) -> None:
+        """Drop the reservations of windows that have ended (and all of them if that is not
+        enough: forgetting one only leaves its requests unused)."""
+        self._reserved = {
+            slot: held
+            for slot, held in self._reserved.items()
+            if held.windows == tuple(int(now // limit.seconds) for limit in slot[1])
+        }
+        if len(self._reserved) >= MAX_RESERVED:
+            self._reserved.clear()
+
+
+def refusal(limit: RateLimit, now: float) -> tuple[int, RateLimit]:
+    """A refused charge: seconds until ``limit``'s window resets, and the limit."""
+    return max(1, math.ceil((int(now // limit.seconds) + 1) * limit.seconds - now)), limit
 
 
 async def redis_storage(url: str, **options: Any) -> Storage:

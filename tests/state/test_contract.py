@@ -819,9 +819,9 @@ async def test_a_request_refused_by_a_later_window_is_charged_to_none(storage: S
     assert await guard.charge("carol", hour, 1) is not None
 
 
-async def test_redis_rate_windows_expire_even_when_their_first_charge_is_refused() -> None:
-    """Each window's key gets its expiry when the charge creates it, refused or not: no
-    counter outlives its window."""
+async def test_redis_rate_windows_expire_and_a_refused_charge_writes_none() -> None:
+    """Each window's key gets its expiry when a charge creates it: no counter outlives its
+    window; a refused charge creates no key at all."""
     import redis
 
     from asap.transport.ratelimit import parse_rate_limit
@@ -833,11 +833,132 @@ async def test_redis_rate_windows_expire_even_when_their_first_charge_is_refused
     try:
         assert await storage.guard.charge("dave", parse_rate_limit("5/minute"), 2) is None
         assert await storage.guard.charge("erin", parse_rate_limit("5/minute;1/hour"), 2)
+        assert len(list(client.scan_iter(match=f"{prefix}rate:*"))) == 1
+        assert await storage.guard.charge("erin", parse_rate_limit("5/minute;1/hour"), 1) is None
         keys = list(client.scan_iter(match=f"{prefix}rate:*"))
         assert len(keys) == 3
         assert all(0 < client.pttl(key) <= 3_601_000 for key in keys)
     finally:
         client.close()
+        await storage.aclose()
+        delete_redis_keys(prefix, REDIS_URL)
+
+
+async def test_redis_rate_reservations_never_admit_more_than_the_limit_across_workers() -> None:
+    """Two workers (two storages on one prefix) charge one sender concurrently: together they
+    admit at most the limit, and at most a block (10 of 1,000) short of it per worker; what
+    one worker holds unused when the other is refused is still its to use."""
+    import redis
+
+    from asap.transport.ratelimit import parse_rate_limit
+
+    require_redis()
+    prefix = f"asap-test:{uuid.uuid4().hex}:"
+    workers = [await open_storage(REDIS_URL, key_prefix=prefix) for _ in range(2)]
+    client = redis.Redis.from_url(REDIS_URL)
+    limits = parse_rate_limit("1000/day")
+
+    async def charge(n: int) -> int:
+        cost = 3 if n % 7 == 0 else 1
+        return cost if await workers[n % 2].guard.charge("frank", limits, cost) is None else 0
+
+    try:
+        admitted = sum(await asyncio.gather(*(charge(n) for n in range(1500))))
+        (counter,) = [int(client.get(key)) for key in client.scan_iter(match=f"{prefix}rate:*")]
+        assert 1000 - 2 * 10 <= admitted <= counter <= 1000
+        for worker in workers:  # now each is refused once it has used what it holds
+            while await worker.guard.charge("frank", limits) is None:
+                admitted += 1
+        assert admitted == counter == 1000
+    finally:
+        client.close()
+        for worker in workers:
+            await worker.aclose()
+        delete_redis_keys(prefix, REDIS_URL)
+
+
+async def test_a_redis_rate_reservation_is_a_hundredth_of_the_window_or_exact() -> None:
+    """1,000 a day: a worker reserves 10 at a time (one script per 10 requests); 150 a day:
+    one at a time, as every limit under 200 per window is charged."""
+    import redis
+
+    from asap.transport.ratelimit import parse_rate_limit
+
+    require_redis()
+    prefix = f"asap-test:{uuid.uuid4().hex}:"
+    storage = await open_storage(REDIS_URL, key_prefix=prefix)
+    client = redis.Redis.from_url(REDIS_URL)
+
+    def counted(sender: str) -> int:
+        (key,) = client.scan_iter(match=f"{prefix}rate:{{{sender}}}:*")
+        return int(client.get(key))
+
+    try:
+        seen = []
+        for _ in range(11):
+            assert await storage.guard.charge("gina", parse_rate_limit("1000/day")) is None
+            seen.append(counted("gina"))
+        assert seen == [10] * 10 + [20]
+        for n in range(1, 4):
+            assert await storage.guard.charge("hugo", parse_rate_limit("150/day")) is None
+            assert counted("hugo") == n
+    finally:
+        client.close()
+        await storage.aclose()
+        delete_redis_keys(prefix, REDIS_URL)
+
+
+async def test_a_worker_trusts_a_refusal_of_redis_for_a_second(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Refused by Redis, a worker refuses the sender itself (a flood costs Redis nothing more)
+    until ROOM_KNOWN has passed: then it asks again, and sees counters deleted by hand."""
+    import redis
+
+    from asap.state import redis as redis_backend
+    from asap.transport.ratelimit import parse_rate_limit
+
+    require_redis()
+    monkeypatch.setattr(redis_backend, "ROOM_KNOWN", 0.3)
+    prefix = f"asap-test:{uuid.uuid4().hex}:"
+    storage = await open_storage(REDIS_URL, key_prefix=prefix)
+    client = redis.Redis.from_url(REDIS_URL)
+    limits = parse_rate_limit("150/day")
+    try:
+        for _ in range(150):
+            assert await storage.guard.charge("ivan", limits) is None
+        assert await storage.guard.charge("ivan", limits) is not None
+        client.delete(*client.scan_iter(match=f"{prefix}rate:*"))  # Redis has room again
+        assert await storage.guard.charge("ivan", limits) is not None
+        deadline = time.monotonic() + 5
+        while await storage.guard.charge("ivan", limits) is not None:
+            assert time.monotonic() < deadline, "the refusal was trusted for ever"
+            await asyncio.sleep(0.05)
+    finally:
+        client.close()
+        await storage.aclose()
+        delete_redis_keys(prefix, REDIS_URL)
+
+
+async def test_redis_rate_reservations_of_many_senders_stay_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A process keeps at most MAX_RESERVED senders' reservations (client addresses can be
+    many): past that it forgets them, which only leaves their requests unused."""
+    from asap.state import redis as redis_backend
+    from asap.transport.ratelimit import parse_rate_limit
+
+    require_redis()
+    monkeypatch.setattr(redis_backend, "MAX_RESERVED", 4)
+    prefix = f"asap-test:{uuid.uuid4().hex}:"
+    storage = await open_storage(REDIS_URL, key_prefix=prefix)
+    guard = storage.guard
+    assert isinstance(guard, redis_backend.RedisGuardStore)
+    try:
+        for n in range(50):
+            assert await guard.charge(f"sender-{n}", parse_rate_limit("1000/day")) is None
+            assert len(guard._reserved) <= 4
+    finally:
         await storage.aclose()
         delete_redis_keys(prefix, REDIS_URL)
 
