@@ -940,6 +940,26 @@ async def test_a_worker_trusts_a_refusal_of_redis_for_a_second(
         delete_redis_keys(prefix, REDIS_URL)
 
 
+async def test_a_cancelled_reservation_lets_the_requests_waiting_for_it_go_on() -> None:
+    """The request whose reservation the others wait for is cancelled in flight: they do
+    not hang, one of them reserves instead, and all are admitted."""
+    from asap.transport.ratelimit import parse_rate_limit
+
+    require_redis()
+    prefix = f"asap-test:{uuid.uuid4().hex}:"
+    storage = await open_storage(REDIS_URL, key_prefix=prefix)
+    limits = parse_rate_limit("1000/day")
+    try:
+        charges = [asyncio.ensure_future(storage.guard.charge("judy", limits)) for _ in range(30)]
+        await asyncio.sleep(0)  # each has started: the first reserves, the rest wait for it
+        charges[0].cancel()
+        async with asyncio.timeout(5):
+            assert await asyncio.gather(*charges[1:]) == [None] * 29
+    finally:
+        await storage.aclose()
+        delete_redis_keys(prefix, REDIS_URL)
+
+
 async def test_redis_rate_reservations_of_many_senders_stay_bounded(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
