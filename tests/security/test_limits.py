@@ -103,6 +103,30 @@ def test_the_limit_is_shared_by_workers_on_redis(tmp_path: Path) -> None:
     assert bob.status_code == 200
 
 
+def test_workers_reserving_blocks_never_admit_more_than_the_limit(tmp_path: Path) -> None:
+    """400 a day: each worker reserves 4 at a time from Redis. 300 + 150 requests over two
+    processes: at most 400 pass, at most a block per worker fewer, the rest get 429."""
+    env = {
+        "ASAP_STORAGE_URL": redis_url(),
+        "ASAP_AUTH_TOKENS": TOKENS,
+        "ASAP_RATE_LIMIT": "400/day",
+    }
+    agents = [start_uvicorn(tmp_path, name, env) for name in ("a", "b")]
+    try:
+        for agent in agents:
+            agent.wait_ready()
+        codes: Counter[int] = Counter()
+        with httpx.Client(headers=bearer(ALICE_TOKEN)) as client:
+            for n in range(450):
+                agent = agents[0] if n % 3 else agents[1]
+                codes[client.post(agent.url + "/asap", json=frame(ALICE)).status_code] += 1
+    finally:
+        for agent in agents:
+            agent.stop()
+    assert set(codes) == {200, 429}
+    assert 400 - 2 * 4 <= codes[200] <= 400
+
+
 # -- concurrent tasks -------------------------------------------------------------------------
 
 
