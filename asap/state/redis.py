@@ -25,7 +25,6 @@ Every :class:`asap.state.resp.RedisError` surfaces as :class:`~asap.state.store.
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -58,7 +57,7 @@ from asap.transport.idempotency import (
     key_reused,
     warn,
 )
-from asap.transport.ratelimit import RateLimit
+from asap.transport.ratelimit import RateLimit, retry_after
 
 __all__ = [
     "RedisGuardStore",
@@ -608,7 +607,8 @@ class RedisGuardStore(GuardStore):
                 return None
             need = cost - held.left
             if need > held.room and now < held.known_until:
-                return refusal(limits[held.full - 1], now)
+                limit = limits[held.full - 1]
+                return retry_after(limit, now), limit
             if held.reserving is None:
                 break
             await asyncio.shield(held.reserving)
@@ -633,7 +633,8 @@ class RedisGuardStore(GuardStore):
             held.left += taken - need
             return None
         held.left += left
-        return refusal(limits[held.full - 1], now)
+        limit = limits[held.full - 1]
+        return retry_after(limit, now), limit
 
     def _forget_past(self, now: float) -> None:
         """Drop the reservations of windows that have ended (and all of them if that is not
@@ -645,11 +646,6 @@ class RedisGuardStore(GuardStore):
         }
         if len(self._reserved) >= MAX_RESERVED:
             self._reserved.clear()
-
-
-def refusal(limit: RateLimit, now: float) -> tuple[int, RateLimit]:
-    """A refused charge: seconds until ``limit``'s window resets, and the limit."""
-    return max(1, math.ceil((int(now // limit.seconds) + 1) * limit.seconds - now)), limit
 
 
 async def redis_storage(url: str, **options: Any) -> Storage:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from asap.errors import ConfigurationError
 
-__all__ = ["RateLimit", "RateLimiter", "parse_rate_limit"]
+__all__ = ["RateLimit", "RateLimiter", "parse_rate_limit", "retry_after"]
 
 _UNITS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
 _ITEM = re.compile(r"^\s*(\d+)\s*(?:/|per)\s*(\d*)\s*(second|minute|hour|day)s?\s*$")
@@ -28,6 +28,11 @@ class RateLimit:
     count: int
     seconds: int
     text: str
+
+
+def retry_after(limit: RateLimit, now: float) -> int:
+    """Whole seconds (at least 1) until the window of ``limit`` that holds ``now`` ends."""
+    return max(1, math.ceil((int(now // limit.seconds) + 1) * limit.seconds - now))
 
 
 OFF = frozenset({"off", "none", "unlimited"})
@@ -86,8 +91,7 @@ class RateLimiter:
             if start != window:
                 start, used = window, 0
             if used + cost > limit.count:
-                retry_after = max(1, math.ceil((window + 1) * limit.seconds - now))
-                return retry_after, limit
+                return retry_after(limit, now), limit
             updates.append((slot, (start, used + cost)))
         if len(self._windows) > self.max_keys:
             self._prune(now)
