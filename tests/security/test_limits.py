@@ -6,12 +6,15 @@ from __future__ import annotations
 import asyncio
 import zlib
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 
 from asap.errors import ConfigurationError
+from asap.process import AgentProcess
 from asap.settings import Settings
 from asap.transport.app import create_app
 from tests.conftest import echo_settings, serve_in_process
@@ -74,20 +77,31 @@ def test_rate_limit_configuration_is_checked_at_start_up() -> None:
     assert Settings(rate_limit="off").rate_limits() == ([], {})
 
 
-def test_the_limit_is_shared_by_workers_on_redis(tmp_path: Path) -> None:
-    """Two processes sharing Redis count one budget per sender: 3 + 3 requests against a
-    limit of 5 per day give exactly one 429, whichever worker takes it (a day: a window of a
-    minute can end between the requests, and then the next one has room again)."""
+@contextmanager
+def two_workers_on_redis(tmp_path: Path, rate_limit: str) -> Iterator[list[AgentProcess]]:
+    """Two uvicorn processes sharing one Redis prefix, with authentication and
+    ``ASAP_RATE_LIMIT=rate_limit``, ready; stopped afterwards."""
     env = {
         "ASAP_STORAGE_URL": redis_url(),
         "ASAP_AUTH_TOKENS": TOKENS,
-        "ASAP_RATE_LIMIT": "5/day",
+        "ASAP_RATE_LIMIT": rate_limit,
     }
     agents = [start_uvicorn(tmp_path, name, env) for name in ("a", "b")]
     try:
         for agent in agents:
             agent.wait_ready()
-        codes = Counter()
+        yield agents
+    finally:
+        for agent in agents:
+            agent.stop()
+
+
+def test_the_limit_is_shared_by_workers_on_redis(tmp_path: Path) -> None:
+    """Two processes sharing Redis count one budget per sender: 3 + 3 requests against a
+    limit of 5 per day give exactly one 429, whichever worker takes it (a day: a window of a
+    minute can end between the requests, and then the next one has room again)."""
+    with two_workers_on_redis(tmp_path, "5/day") as agents:
+        codes: Counter[int] = Counter()
         for agent in agents:
             for _ in range(3):
                 response = httpx.post(
@@ -96,9 +110,6 @@ def test_the_limit_is_shared_by_workers_on_redis(tmp_path: Path) -> None:
                 codes[response.status_code] += 1
         # Bob's budget is his own, on either worker
         bob = httpx.post(agents[1].url + "/asap", json=frame(BOB), headers=bearer(BOB_TOKEN))
-    finally:
-        for agent in agents:
-            agent.stop()
     assert codes == {200: 5, 429: 1}
     assert bob.status_code == 200
 
@@ -106,23 +117,14 @@ def test_the_limit_is_shared_by_workers_on_redis(tmp_path: Path) -> None:
 def test_workers_reserving_blocks_never_admit_more_than_the_limit(tmp_path: Path) -> None:
     """400 a day: each worker reserves 4 at a time from Redis. 300 + 150 requests over two
     processes: at most 400 pass, at most a block per worker fewer, the rest get 429."""
-    env = {
-        "ASAP_STORAGE_URL": redis_url(),
-        "ASAP_AUTH_TOKENS": TOKENS,
-        "ASAP_RATE_LIMIT": "400/day",
-    }
-    agents = [start_uvicorn(tmp_path, name, env) for name in ("a", "b")]
-    try:
-        for agent in agents:
-            agent.wait_ready()
-        codes: Counter[int] = Counter()
-        with httpx.Client(headers=bearer(ALICE_TOKEN)) as client:
-            for n in range(450):
-                agent = agents[0] if n % 3 else agents[1]
-                codes[client.post(agent.url + "/asap", json=frame(ALICE)).status_code] += 1
-    finally:
-        for agent in agents:
-            agent.stop()
+    codes: Counter[int] = Counter()
+    with (
+        two_workers_on_redis(tmp_path, "400/day") as agents,
+        httpx.Client(headers=bearer(ALICE_TOKEN)) as client,
+    ):
+        for n in range(450):
+            agent = agents[0] if n % 3 else agents[1]
+            codes[client.post(agent.url + "/asap", json=frame(ALICE)).status_code] += 1
     assert set(codes) == {200, 429}
     assert 400 - 2 * 4 <= codes[200] <= 400
 
