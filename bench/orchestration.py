@@ -10,12 +10,18 @@ an orchestrator (``uvicorn asap.server:app`` with ``ASAP_PEERS`` naming them), a
 - parallel fan-out to 1, 4 and 16 sub-tasks spread over the two workers, with sub-tasks that
   return at once (pure overhead) and sub-tasks that sleep 100 ms;
 - the same 16-step plans run sequentially, for comparison;
-- the direct call to one worker, the floor an orchestrated sub-task is compared with;
-- the sequential echo plan with and without a checkpoint after every step.
+- the sequential echo plan with and without a checkpoint after every step, and the same 16
+  echo calls made straight to a worker: the floor an orchestrated sub-task is compared with.
 
-Every agent stores its state in SQLite (the default). Per-sub-task overhead = (median time of
-a 16-step sequential echo plan without checkpoints - 16 x median direct call) / 16. Medians
-over --runs calls after a warm-up. Writes bench/orchestration.md.
+Every agent stores its state in SQLite (the default). Medians over --runs calls after a
+warm-up. The two costs are differences, so their three plans are measured in rounds (one call
+of each per round, in turn) and each cost is the median of its per-round differences: a slow
+minute of a shared machine hits both sides of a difference alike.
+
+- overhead per sub-task = (sequential x16 echo plan without checkpoints - 16 direct calls) / 16
+- checkpoint per step = (sequential x16 echo plan - the same without checkpoints) / 16
+
+Writes bench/orchestration.md.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -99,29 +106,48 @@ def plan(mode: str, n: int, seconds: float, checkpoint: bool = True) -> dict[str
     }
 
 
+async def call(client: ASAPClient, request: Envelope) -> None:
+    reply = await client.send(request)
+    if reply.payload.status != "completed":
+        raise RuntimeError(f"not completed: {reply.payload.result}")
+
+
 async def timed(client: ASAPClient, request: Envelope, runs: int) -> list[float]:
     for _ in range(3):  # warm-up
-        await client.send(request)
+        await call(client, request)
     times = []
     for _ in range(runs):
         started = time.perf_counter()
-        reply = await client.send(request)
+        await call(client, request)
         times.append((time.perf_counter() - started) * 1000)
-        if reply.payload.status != "completed":
-            raise RuntimeError(f"not completed: {reply.payload.result}")
     return times
+
+
+async def rounds(
+    plans: dict[str, Callable[[], Awaitable[None]]], runs: int
+) -> dict[str, list[float]]:
+    """Time ``runs`` rounds of one call of each plan in turn (after a warm-up round)."""
+    times: dict[str, list[float]] = {label: [] for label in plans}
+    for round_ in range(runs + 1):
+        for label, plan_call in plans.items():
+            started = time.perf_counter()
+            await plan_call()
+            if round_:
+                times[label].append((time.perf_counter() - started) * 1000)
+    return times
+
+
+DIRECT = "16 echo calls straight to a worker, one after another"
+SEQUENTIAL = "sequential x16, echo sub-tasks"
+NO_CHECKPOINTS = "sequential x16, echo sub-tasks, no checkpoints"
 
 
 async def measure(agents: dict[str, AgentProcess], runs: int) -> list[tuple[str, list[float]]]:
     rows = []
-    async with ASAPClient(agents["worker-a"].url) as direct:
-        rows.append(
-            (
-                "direct call to a worker (echo)",
-                await timed(direct, envelope("work", {"tag": "direct"}), runs),
-            )
-        )
-    async with ASAPClient(agents["orchestrator"].url) as client:
+    async with (
+        ASAPClient(agents["worker-a"].url) as direct,
+        ASAPClient(agents["orchestrator"].url) as client,
+    ):
         for seconds, label in ((0.0, "echo"), (0.1, "100 ms")):
             slow_runs = runs if seconds == 0 else max(5, runs // 3)
             for n in (1, 4, 16):
@@ -129,24 +155,37 @@ async def measure(agents: dict[str, AgentProcess], runs: int) -> list[tuple[str,
                 rows.append(
                     (f"parallel x{n}, {label} sub-tasks", await timed(client, request, slow_runs))
                 )
-            # 16 sequential echo steps take tens of ms: as many runs as the rest (the
-            # overhead figure subtracts two medians); 16 x 100 ms steps take 1.6 s each
-            request = envelope("orchestrate", plan("sequential", 16, seconds))
-            sequential_runs = runs if seconds == 0 else 3
-            rows.append(
-                (
-                    f"sequential x16, {label} sub-tasks",
-                    await timed(client, request, sequential_runs),
-                )
-            )
-        request = envelope("orchestrate", plan("sequential", 16, 0, checkpoint=False))
-        rows.append(
-            (
-                "sequential x16, echo sub-tasks, no checkpoints",
-                await timed(client, request, runs),
-            )
+        request = envelope("orchestrate", plan("sequential", 16, 0.1))  # 1.6 s per call
+        rows.append(("sequential x16, 100 ms sub-tasks", await timed(client, request, 3)))
+
+        echo = envelope("work", {"tag": "direct"})
+        sequential = envelope("orchestrate", plan("sequential", 16, 0))
+        no_checkpoints = envelope("orchestrate", plan("sequential", 16, 0, checkpoint=False))
+
+        async def direct_calls() -> None:
+            for _ in range(16):
+                await call(direct, echo)
+
+        paired = await rounds(
+            {
+                DIRECT: direct_calls,
+                SEQUENTIAL: lambda: call(client, sequential),
+                NO_CHECKPOINTS: lambda: call(client, no_checkpoints),
+            },
+            runs,
         )
-    return rows
+    return rows + list(paired.items())
+
+
+def per_step(rows: dict[str, list[float]], minuend: str, subtrahend: str) -> list[float]:
+    """Per-round differences of two paired plans, per one of their 16 steps, in ms."""
+    return [(a - b) / 16 for a, b in zip(rows[minuend], rows[subtrahend], strict=True)]
+
+
+def spread(values: list[float]) -> str:
+    """Median, with the middle half of the values."""
+    q1, _, q3 = statistics.quantiles(values, n=4)
+    return f"**{statistics.median(values):.2f} ms** (middle half of the rounds {q1:.2f}-{q3:.2f})"
 
 
 def main() -> int:
@@ -162,12 +201,8 @@ def main() -> int:
         for agent in agents.values():
             agent.stop()
     median = {label: statistics.median(times) for label, times in rows}
-    direct = median["direct call to a worker (echo)"]
-    overhead = (median["sequential x16, echo sub-tasks, no checkpoints"] - 16 * direct) / 16
-    checkpoint_cost = (
-        median["sequential x16, echo sub-tasks"]
-        - median["sequential x16, echo sub-tasks, no checkpoints"]
-    ) / 16
+    overhead = per_step(dict(rows), NO_CHECKPOINTS, DIRECT)
+    checkpoint_cost = per_step(dict(rows), SEQUENTIAL, NO_CHECKPOINTS)
     lines = [
         "# Orchestrator benchmark",
         "",
@@ -184,12 +219,12 @@ def main() -> int:
     lines += [
         "",
         f"- orchestration overhead per sub-task (sequential x16 echo without checkpoints, minus "
-        f"16 direct calls, /16): **{overhead:.2f} ms** (target < 2 ms)",
+        f"16 direct calls, /16, per round): {spread(overhead)} (target < 2 ms)",
         f"- parallel x16 of 100 ms sub-tasks: **{median['parallel x16, 100 ms sub-tasks']:.1f} "
         f"ms** median (target <= 120 ms); sequential: "
         f"{median['sequential x16, 100 ms sub-tasks']:.0f} ms",
         f"- checkpointing ({args.storage}, after every step) costs "
-        f"**{checkpoint_cost:.2f} ms per step** (sequential x16 echo with and without)",
+        f"{spread(checkpoint_cost)} per step (sequential x16 echo with and without, per round)",
     ]
     text = "\n".join(lines) + "\n"
     print(text)
