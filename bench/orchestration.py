@@ -112,17 +112,6 @@ async def call(client: ASAPClient, request: Envelope) -> None:
         raise RuntimeError(f"not completed: {reply.payload.result}")
 
 
-async def timed(client: ASAPClient, request: Envelope, runs: int) -> list[float]:
-    for _ in range(3):  # warm-up
-        await call(client, request)
-    times = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        await call(client, request)
-        times.append((time.perf_counter() - started) * 1000)
-    return times
-
-
 async def rounds(
     plans: dict[str, Callable[[], Awaitable[None]]], runs: int
 ) -> dict[str, list[float]]:
@@ -135,6 +124,11 @@ async def rounds(
             if round_:
                 times[label].append((time.perf_counter() - started) * 1000)
     return times
+
+
+async def timed(client: ASAPClient, request: Envelope, runs: int) -> list[float]:
+    """``runs`` calls of one plan (after a warm-up call)."""
+    return (await rounds({"": lambda: call(client, request)}, runs))[""]
 
 
 DIRECT = "16 echo calls straight to a worker, one after another"
