@@ -194,9 +194,10 @@ def main() -> int:
     finally:
         for agent in agents.values():
             agent.stop()
-    median = {label: statistics.median(times) for label, times in rows}
-    overhead = per_step(dict(rows), NO_CHECKPOINTS, DIRECT)
-    checkpoint_cost = per_step(dict(rows), SEQUENTIAL, NO_CHECKPOINTS)
+    by_label = dict(rows)
+    median = {label: statistics.median(times) for label, times in by_label.items()}
+    overhead = per_step(by_label, NO_CHECKPOINTS, DIRECT)
+    checkpoint_cost = per_step(by_label, SEQUENTIAL, NO_CHECKPOINTS)
     lines = [
         "# Orchestrator benchmark",
         "",
