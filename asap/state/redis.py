@@ -193,8 +193,8 @@ RESERVE_SHARE, RESERVE_MAX = 100, 64
 """A reservation takes up to 1/RESERVE_SHARE of the smallest window's count, at most
 RESERVE_MAX requests (at least the request's cost)."""
 ROOM_KNOWN = 1.0
-"""Seconds a process trusts the room Redis reported: refuses requests that need more without
-asking again."""
+"""Seconds a process trusts the room Redis reported (:attr:`RedisGuardStore.room_known`):
+refuses requests that need more without asking again."""
 MAX_RESERVED = 10_000
 """Senders whose reservations a process keeps before it forgets those of past windows."""
 SCRIPTS = {
@@ -545,7 +545,7 @@ class RedisIdempotencyStore(SharedIdempotencyStore):
 class _Reservation:
     """What a process holds of one sender's current windows (see :meth:`RedisGuardStore.charge`)."""
 
-    __slots__ = ("full", "known_until", "left", "reserving", "room", "windows")
+    __slots__ = ("asked_at", "full", "left", "reserving", "room", "windows")
 
     def __init__(self, windows: tuple[int, ...]) -> None:
         self.windows = windows
@@ -553,8 +553,8 @@ class _Reservation:
         """Requests reserved in Redis and not used yet."""
         self.room = 0
         """The room Redis had left when last asked (it only shrinks within the windows, unless
-        someone deletes the counters), trusted until ``known_until``."""
-        self.known_until = 0.0
+        someone deletes the counters), trusted for ``room_known`` seconds from ``asked_at``."""
+        self.asked_at = float("-inf")
         self.full = 0
         """The window (1-based index) with that room."""
         self.reserving: asyncio.Future[None] | None = None
@@ -565,6 +565,9 @@ class RedisGuardStore(GuardStore):
     """``nonce:<key>`` set with ``NX PX``; ``rate:{<key>}:<seconds>:<count>:<window>``
     counters shared by every worker and host, from which each process reserves requests in
     blocks (:meth:`charge`)."""
+
+    room_known = ROOM_KNOWN
+    """Seconds this process trusts the room Redis last reported for a sender's windows."""
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
@@ -606,7 +609,7 @@ class RedisGuardStore(GuardStore):
                 held.left -= cost
                 return None
             need = cost - held.left
-            if need > held.room and now < held.known_until:
+            if need > held.room and now < held.asked_at + self.room_known:
                 limit = limits[held.full - 1]
                 return retry_after(limit, now), limit
             if held.reserving is None:
@@ -622,7 +625,7 @@ class RedisGuardStore(GuardStore):
         held.reserving = done = asyncio.get_running_loop().create_future()
         try:
             taken, held.room, held.full = await self._conn.script("rate", keys, args)
-            held.known_until = now + ROOM_KNOWN
+            held.asked_at = now
         except BaseException:
             held.left += left
             raise
