@@ -41,6 +41,19 @@ def wait_until(check: Any, what: str, timeout: float = 30.0) -> Any:
         time.sleep(0.05)
 
 
+async def running(client: httpx.AsyncClient, base: str, tasks: int) -> None:
+    """Wait until the agent runs at least ``tasks`` tasks (``asap_tasks_in_flight``), so a
+    signal sent next finds every request inside it."""
+    deadline = time.monotonic() + 30
+    while True:
+        text = (await client.get(base + "/asap/metrics")).text
+        gauge = next(line for line in text.splitlines() if line.startswith("asap_tasks_in_flight"))
+        if float(gauge.split()[-1]) >= tasks:
+            return
+        assert time.monotonic() < deadline, f"never {tasks} tasks in flight: {gauge}"
+        await asyncio.sleep(0.05)
+
+
 def test_sigterm_during_20_in_flight_tasks_loses_none(tmp_path: Path) -> None:
     """12 callers wait on 3 s tasks and 8 resumable tasks run in the background when SIGTERM
     arrives. The waiting callers all get their completed replies (no reset); /ready says
@@ -73,7 +86,7 @@ def test_sigterm_during_20_in_flight_tasks_loses_none(tmp_path: Path) -> None:
                 asyncio.create_task(c.post(url, json=task_frame("sleep", {"seconds": 3})))
                 for _ in range(12)
             ]
-            await asyncio.sleep(0.5)  # let the requests reach the agent before the signal
+            await running(c, agent.url, 20)  # every request inside the agent before the signal
             assert agent.process is not None
             agent.process.send_signal(signal.SIGTERM)
             ready_codes, refused = [], 0
@@ -135,7 +148,7 @@ def test_a_task_still_running_when_the_grace_ends_fails_cleanly(tmp_path: Path) 
             call = asyncio.create_task(
                 client.post(agent.url + "/asap", json=task_frame("sleep", {"seconds": 60}))
             )
-            await asyncio.sleep(0.5)
+            await running(client, agent.url, 1)
             assert agent.process is not None
             agent.process.send_signal(signal.SIGTERM)
             return await call

@@ -413,16 +413,20 @@ async def test_failed_compute_stores_nothing(storage: Storage) -> None:
 
 
 async def test_outcomes_expire_after_the_ttl(backend: Backend) -> None:
-    storage = await backend.open(idempotency_ttl=0.2)
+    storage = await backend.open(idempotency_ttl=1.0)
     try:
         compute = Counter()
         await storage.idempotency.run_once("key", "fp", compute)
         assert (await storage.idempotency.run_once("key", "fp", compute))[1] is True
-        await asyncio.sleep(0.3)
-        assert await storage.idempotency.run_once("key", "other-fp", compute) == (
-            outcome(2),
-            False,
-        )
+        deadline = time.monotonic() + 10
+        while True:  # the key belongs to "fp" until its outcome expires
+            try:
+                again = await storage.idempotency.run_once("key", "other-fp", compute)
+                break
+            except InvalidParamsError:
+                assert time.monotonic() < deadline, "the outcome never expired"
+                await asyncio.sleep(0.05)
+        assert again == (outcome(2), False)
     finally:
         await storage.aclose()
 
@@ -718,11 +722,16 @@ async def test_state_survives_reopening(backend: Backend) -> None:
 
 @durable
 async def test_heartbeat_keeps_a_long_claim(backend: Backend) -> None:
-    first, second = await backend.open(idempotency_takeover=0.3), await backend.open()
+    """The runner's claim expires 1.5 s after its last heartbeat (one every 0.5 s): a
+    2.5 s computation keeps it, and a duplicate waits for its outcome."""
+    first, second = await backend.open(idempotency_takeover=1.5), await backend.open()
     try:
-        slow, other = Counter(delay=1.0), Counter()
+        slow, other = Counter(delay=2.5), Counter()
         running = asyncio.ensure_future(first.idempotency.run_once("key", "fp", slow))
-        await asyncio.sleep(0.1)
+        deadline = time.monotonic() + 10
+        while not slow.calls:  # claimed once it computes
+            assert time.monotonic() < deadline, "the first caller never claimed the key"
+            await asyncio.sleep(0.01)
         assert await second.idempotency.run_once("key", "fp", other) == (outcome(1), True)
         assert await running == (outcome(1), False)
         assert (slow.calls, other.calls) == (1, 0)
@@ -765,9 +774,9 @@ async def test_one_timer_keeps_every_claim_alive_until_it_ends() -> None:
 
 async def test_a_nonce_is_used_once_until_it_expires(storage: Storage) -> None:
     guard = storage.guard
-    assert await guard.use_nonce("alice n1", 0.3)
-    assert not await guard.use_nonce("alice n1", 0.3)
-    assert await guard.use_nonce("bob n1", 0.3)  # keys are the caller's to scope
+    assert await guard.use_nonce("alice n1", 1.0)
+    assert not await guard.use_nonce("alice n1", 1.0)
+    assert await guard.use_nonce("bob n1", 1.0)  # keys are the caller's to scope
     raced = await asyncio.gather(*(guard.use_nonce("race", 5) for _ in range(20)))
     assert sorted(raced) == [False] * 19 + [True]
     deadline = time.monotonic() + 5
