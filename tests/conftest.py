@@ -117,6 +117,18 @@ def forget_redis_prefixes() -> Iterator[None]:
         delete_redis_keys(prefix)
 
 
+STARTED_AGENTS: list[AgentProcess] = []
+"""Agents started by ``tests.security.common.start_uvicorn``; any still running when its test
+ends (a test that failed before stopping it) is killed then."""
+
+
+@pytest.fixture(autouse=True)
+def kill_leftover_agents() -> Iterator[None]:
+    yield
+    while STARTED_AGENTS:
+        STARTED_AGENTS.pop().kill()
+
+
 @pytest.fixture
 async def echo_http() -> AsyncIterator[httpx.AsyncClient]:
     """Raw HTTP access to an in-process echo agent."""

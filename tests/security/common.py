@@ -11,7 +11,7 @@ import pytest
 
 from asap.models.ids import generate_id
 from asap.process import AgentProcess
-from tests.conftest import REDIS_PREFIXES, asap_send
+from tests.conftest import REDIS_PREFIXES, STARTED_AGENTS, asap_send
 
 ALICE, BOB = "urn:asap:agent:alice", "urn:asap:agent:bob"
 ALICE_TOKEN = "alice-token-0123456789abcdef"
@@ -70,12 +70,14 @@ def start_uvicorn(
     tmp_path: Path, name: str, env: dict[str, str], app: str = "asap.server:app"
 ) -> AgentProcess:
     """``uvicorn <app>`` on a free loopback port with JSON logs, not yet ready (call
-    ``wait_ready``)."""
-    return AgentProcess.uvicorn(
+    ``wait_ready``); killed when the test ends if it still runs."""
+    agent = AgentProcess.uvicorn(
         app,
         env={"ASAP_LOG_FORMAT": "json", "ASAP_LOG_LEVEL": "INFO", **env},
         log_path=tmp_path / f"{name}.log",
-    ).start(wait=False)
+    )
+    STARTED_AGENTS.append(agent)
+    return agent.start(wait=False)
 
 
 def rss_kib(pid: int) -> int:
