@@ -192,9 +192,6 @@ window's index."""
 RESERVE_SHARE, RESERVE_MAX = 100, 64
 """A reservation takes up to 1/RESERVE_SHARE of the smallest window's count, at most
 RESERVE_MAX requests (at least the request's cost)."""
-ROOM_KNOWN = 1.0
-"""Seconds a process trusts the room Redis reported (:attr:`RedisGuardStore.room_known`):
-refuses requests that need more without asking again."""
 MAX_RESERVED = 10_000
 """Senders whose reservations a process keeps before it forgets those of past windows."""
 SCRIPTS = {
@@ -566,8 +563,9 @@ class RedisGuardStore(GuardStore):
     counters shared by every worker and host, from which each process reserves requests in
     blocks (:meth:`charge`)."""
 
-    room_known = ROOM_KNOWN
-    """Seconds this process trusts the room Redis last reported for a sender's windows."""
+    room_known = 1.0
+    """Seconds this process trusts the room Redis last reported for a sender's windows: it
+    refuses requests that need more without asking again."""
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn

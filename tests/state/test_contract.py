@@ -923,7 +923,7 @@ async def test_a_worker_trusts_a_refusal_of_redis_for_a_second() -> None:
     by hand. The trust period is set here rather than waited for."""
     import redis
 
-    from asap.state.redis import ROOM_KNOWN
+    from asap.state.redis import RedisGuardStore
     from asap.transport.ratelimit import parse_rate_limit
 
     require_redis()
@@ -932,15 +932,15 @@ async def test_a_worker_trusts_a_refusal_of_redis_for_a_second() -> None:
     client = redis.Redis.from_url(REDIS_URL)
     limits = parse_rate_limit("150/day")
     guard = storage.guard
-    assert guard.room_known == ROOM_KNOWN == 1.0  # type: ignore[attr-defined]
-    guard.room_known = 3600  # type: ignore[attr-defined]
+    assert isinstance(guard, RedisGuardStore) and guard.room_known == 1.0
+    guard.room_known = 3600
     try:
         for _ in range(150):
             assert await guard.charge("ivan", limits) is None
         assert await guard.charge("ivan", limits) is not None
         client.delete(*client.keys(f"{prefix}rate:*"))  # Redis has room again
         assert await guard.charge("ivan", limits) is not None  # not asked: still trusted
-        guard.room_known = 0  # type: ignore[attr-defined]  # the trust has run out
+        guard.room_known = 0  # the trust has run out
         assert await guard.charge("ivan", limits) is None
     finally:
         client.close()
