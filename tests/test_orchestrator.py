@@ -133,12 +133,9 @@ async def test_parallel_fan_out_is_concurrent_and_bounded(agents: dict[str, Agen
         "max_concurrency": 3,
         "steps": [step(f"s{n}", input={"tag": f"s{n}", "seconds": 0.3}) for n in range(6)],
     }
-    started = time.monotonic()
     reply = await orchestrate(agents, plan)
-    elapsed = time.monotonic() - started
     assert reply.payload.status == "completed"
-    assert stats(agents, "worker-a")["max_running"] == 3
-    assert elapsed < 6 * 0.3  # not sequential
+    assert stats(agents, "worker-a")["max_running"] == 3  # concurrent, and never more
     plan["max_concurrency"] = 50  # above the agent's ASAP_MAX_FAN_OUT of 4
     set_faults(agents, "worker-a")
     await orchestrate(agents, plan)
