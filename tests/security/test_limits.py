@@ -147,7 +147,7 @@ def test_100_concurrent_slow_tasks_against_a_limit_of_10(tmp_path: Path) -> None
         async def flood() -> list[httpx.Response]:
             limits = httpx.Limits(max_connections=100)
             async with httpx.AsyncClient(timeout=60, limits=limits) as client:
-                slow = frame(skill="work", data={"tag": "slow", "seconds": 3})
+                slow = frame(skill="work", data={"tag": "slow", "seconds": 5})
                 return await asyncio.gather(
                     *(client.post(agent.url + "/asap", json=slow) for _ in range(100))
                 )
