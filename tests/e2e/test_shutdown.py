@@ -16,6 +16,7 @@ import pytest
 from asap.process import AgentProcess, free_port
 from tests.conftest import asap_send
 from tests.security.common import frame, start_uvicorn
+from tests.test_metrics import parse, value
 
 
 def task_frame(skill: str, data: dict[str, Any]) -> dict[str, Any]:
@@ -46,11 +47,11 @@ async def running(client: httpx.AsyncClient, base: str, tasks: int) -> None:
     signal sent next finds every request inside it."""
     deadline = time.monotonic() + 30
     while True:
-        text = (await client.get(base + "/asap/metrics")).text
-        gauge = next(line for line in text.splitlines() if line.startswith("asap_tasks_in_flight"))
-        if float(gauge.split()[-1]) >= tasks:
+        samples = parse((await client.get(base + "/asap/metrics")).text)
+        in_flight = value(samples, "asap_tasks_in_flight")
+        if in_flight >= tasks:
             return
-        assert time.monotonic() < deadline, f"never {tasks} tasks in flight: {gauge}"
+        assert time.monotonic() < deadline, f"never {tasks} tasks in flight: {in_flight}"
         await asyncio.sleep(0.05)
 
 
