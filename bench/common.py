@@ -204,6 +204,20 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
+def machine_cpu(stat: str = "/proc/stat") -> tuple[int, int]:
+    """(steal, total) clock ticks of all CPUs since boot; (0, 0) where there is no such file.
+
+    Steal is time the hypervisor ran something else while this virtual machine had work for
+    its CPUs: a run during which it is more than a few % measured a slower machine."""
+    try:
+        with open(stat) as f:
+            ticks = [int(v) for v in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return 0, 0
+    # user nice system idle iowait irq softirq steal (guest time is counted in user already)
+    return (ticks[7] if len(ticks) == 8 else 0), sum(ticks)
+
+
 # ---------------------------------------------------------------- load
 
 
@@ -227,9 +241,11 @@ def wrk(t: Target, conns: int, seconds: int, redis_pid: int | None = None) -> di
         env["BENCH_IDEMPOTENCY_PREFIX"] = "bench-" + secrets.token_hex(6)
     cpu0 = cpu_seconds(pid)
     rcpu0 = cpu_seconds(redis_pid) if redis_pid else 0.0
+    steal0, total0 = machine_cpu()
     out = subprocess.run(argv, capture_output=True, text=True, env=env)
     cpu = cpu_seconds(pid) - cpu0
     rcpu = cpu_seconds(redis_pid) - rcpu0 if redis_pid else float("nan")
+    steal1, total1 = machine_cpu()
     text = out.stdout + out.stderr
 
     def grab(pattern: str) -> re.Match[str]:
@@ -250,6 +266,7 @@ def wrk(t: Target, conns: int, seconds: int, redis_pid: int | None = None) -> di
         "cpu_us": cpu * per_req,
         "cpu_pct": 100 * cpu / seconds,
         "redis_cpu_us": rcpu * per_req,
+        "steal_pct": 100 * (steal1 - steal0) / (total1 - total0) if total1 > total0 else 0.0,
         "requests": requests,
         "non2xx": int(counts.group(1)),
         "rpc_errors": int(counts.group(2)),

@@ -6,6 +6,7 @@ Everything here is computed from that dict; nothing is hand-written. Standard li
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
 from common import PROD_FEATURES, SINGLE
@@ -14,6 +15,9 @@ GOAL_LEVEL = 16  # the issue's figures are at 16 connections
 ERROR_LEVEL = 64  # "no errors at c64"
 BARE_SHARE, REFERENCE_TIMES, P99_MS, PROD_COST = 0.5, 15.0, 5.0, 0.30
 FULL_MEMORY_RUN = 100_000
+UNSTEADY = 0.25
+"""Runs of one target at one level whose req/s span more than this share of their median
+are unsteady: the machine changed speed during the benchmark. Targets judged on them say so."""
 
 Level = dict[str, Any]
 
@@ -78,6 +82,58 @@ def throughput(res: dict[str, Any]) -> list[str]:
             *err,
         ]
     return lines
+
+
+# ---------------------------------------------------------------- steadiness
+
+
+def spread(x: Level) -> float:
+    """(highest - lowest) req/s of the runs, as a share of their median."""
+    runs = x["runs_rps"]
+    return (max(runs) - min(runs)) / x["rps"] if len(runs) > 1 and x["rps"] else 0.0
+
+
+def steadiness(res: dict[str, Any]) -> list[str]:
+    lines = [
+        "| target | concurrency | req/s, lowest-highest run | spread | CPU steal % per run |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for t in res["targets"]:
+        for x in t["results"]:
+            runs, share = x["runs_rps"], spread(x)
+            shown = f"**{share:.0%}**" if share > UNSTEADY else f"{share:.0%}"
+            steal = ", ".join(f"{v:g}" for v in x.get("runs_steal_pct", []))
+            lines.append(
+                f"| {t['name']} | {x['concurrency']} | {min(runs):,.0f}-{max(runs):,.0f} "
+                f"| {shown} | {steal} |"
+            )
+    return [
+        *lines,
+        "",
+        f"Spread = (highest - lowest) / median req/s of a target's runs at one level. Above "
+        f"{UNSTEADY:.0%} (bold) the machine's speed changed during the runs: the medians are "
+        "less certain, and a target below that is judged on them says so. CPU steal is the "
+        "share of the machine's CPU time that the hypervisor gave to other guests during each "
+        "run (`/proc/stat`; 0 on bare metal): more than a few % means a slower machine for "
+        "that run. A quieter hour or more `--runs` gives steadier figures.",
+    ]
+
+
+def unsteady(res: dict[str, Any], c: int, *names: str) -> str:
+    """What to append to a target's figure when one of the levels it uses was unsteady."""
+    shaky = [
+        f"{n} {spread(x):.0%}"
+        for n in names
+        if (x := level(res, n, c)) is not None and spread(x) > UNSTEADY
+    ]
+    return f"; unsteady runs (spread: {', '.join(shaky)})" if shaky else ""
+
+
+def steal_summary(res: dict[str, Any]) -> str:
+    steal = [v for t in res["targets"] for x in t["results"] for v in x.get("runs_steal_pct", [])]
+    if not steal:
+        return "not recorded in this run"
+    return f"median {statistics.median(steal):g}%, highest {max(steal):g}% of a run"
 
 
 # ---------------------------------------------------------------- feature cost
@@ -177,7 +233,8 @@ def goals(res: dict[str, Any]) -> list[dict[str, Any]]:
         share = ours["rps"] / bare["rps"]
         row(
             f"echo at c{c} ≥ {BARE_SHARE:.0%} of bare",
-            f"{share:.0%} ({ours['rps']:,.0f} vs {bare['rps']:,.0f} req/s)",
+            f"{share:.0%} ({ours['rps']:,.0f} vs {bare['rps']:,.0f} req/s)"
+            + unsteady(res, c, "ours", "bare"),
             share >= BARE_SHARE,
         )
     else:
@@ -186,13 +243,18 @@ def goals(res: dict[str, Any]) -> list[dict[str, Any]]:
         times = ours["rps"] / ref["rps"]
         row(
             f"echo at c{c} ≥ {REFERENCE_TIMES:g}× the reference",
-            f"{times:.1f}× ({ours['rps']:,.0f} vs {ref['rps']:,.0f} req/s)",
+            f"{times:.1f}× ({ours['rps']:,.0f} vs {ref['rps']:,.0f} req/s)"
+            + unsteady(res, c, "ours", "reference"),
             times >= REFERENCE_TIMES,
         )
     else:
         row(f"echo at c{c} ≥ {REFERENCE_TIMES:g}× the reference", "not measured", None)
     if ours:
-        row(f"p99 < {P99_MS:g} ms at c{c}", f"{ours['p99']:.2f} ms", ours["p99"] < P99_MS)
+        row(
+            f"p99 < {P99_MS:g} ms at c{c}",
+            f"{ours['p99']:.2f} ms" + unsteady(res, c, "ours"),
+            ours["p99"] < P99_MS,
+        )
     else:
         row(f"p99 < {P99_MS:g} ms at c{c}", "not measured", None)
     heavy = level(res, "ours", ERROR_LEVEL)
@@ -234,7 +296,8 @@ def goals(res: dict[str, Any]) -> list[dict[str, Any]]:
         cost = 1 - prod["rps"] / ours["rps"]
         row(
             f"production settings cost ≤ {PROD_COST:.0%} of echo throughput (c{c})",
-            f"{cost:.0%} (ours-prod {prod['rps']:,.0f} vs ours {ours['rps']:,.0f} req/s)",
+            f"{cost:.0%} (ours-prod {prod['rps']:,.0f} vs ours {ours['rps']:,.0f} req/s)"
+            + unsteady(res, c, "ours", "ours-prod"),
             cost <= PROD_COST,
         )
     else:
@@ -280,6 +343,7 @@ def render(res: dict[str, Any]) -> str:
         "",
         f"- date: {res['date']}",
         *(f"- {k}: {v}" for k, v in res["machine"].items()),
+        f"- CPU steal during the measured runs: {steal_summary(res)}",
         f"- command: `{res['command']}`",
         f"- settings: {s['runs']} runs × {s['duration']}s per target and concurrency "
         f"(median shown), {s['warmup']}s warm-up, wrk 1 thread, connections = concurrency, "
@@ -291,6 +355,10 @@ def render(res: dict[str, Any]) -> str:
         *throughput(res),
         "",
         "![throughput and p99 latency by concurrency](results.png)",
+        "",
+        "## Steadiness of the runs",
+        "",
+        *steadiness(res),
         "",
         "## Feature cost",
         "",

@@ -139,6 +139,7 @@ def summarize(t: Target) -> dict[str, Any]:
                 "errors": sum(detail.values()),
                 "error_detail": detail,
                 "runs_rps": [r["rps"] for r in runs],
+                "runs_steal_pct": [round(r["steal_pct"], 1) for r in runs],
             }
         )
     return {
