@@ -88,9 +88,10 @@ def throughput(res: dict[str, Any]) -> list[str]:
 
 
 def spread(x: Level) -> float:
-    """(highest - lowest) req/s of the runs, as a share of their median."""
+    """(highest - lowest) req/s of the runs, as a share of their median, rounded to the whole
+    percent the report shows (so that a bold 25% is never "above 25%")."""
     runs = x["runs_rps"]
-    return (max(runs) - min(runs)) / x["rps"] if len(runs) > 1 and x["rps"] else 0.0
+    return round((max(runs) - min(runs)) / x["rps"], 2) if len(runs) > 1 and x["rps"] else 0.0
 
 
 def steadiness(res: dict[str, Any]) -> list[str]:

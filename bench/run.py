@@ -240,7 +240,7 @@ def main() -> int:
                             say(
                                 f"{t.name:22} c={c:<3} run {i + 1}/{args.runs}: "
                                 f"{r['rps']:9,.0f} req/s  p99 {r['p99']:7.2f} ms  "
-                                f"{r['cpu_us']:6,.0f} µs CPU/req"
+                                f"{r['cpu_us']:6,.0f} µs CPU/req  steal {r['steal_pct']:4.1f}%"
                             )
         finally:
             stop_all(targets)

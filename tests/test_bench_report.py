@@ -55,7 +55,8 @@ def test_a_goal_judged_on_unsteady_runs_says_which_and_how_far_apart() -> None:
 
 
 def test_steady_runs_leave_the_figures_unmarked() -> None:
-    res = results(ours=[9000, 9500, 10000], bare=[18000, 18500, 19000])
+    # ours spreads 25.4%, shown as 25%: not above the 25% mark
+    res = results(ours=[8300, 9500, 10710], bare=[18000, 18500, 19000])
     assert [r["measured"] for r in report.goals(res)[:3]] == [
         "51% (9,500 vs 18,500 req/s)",
         "not measured",
