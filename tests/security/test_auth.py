@@ -183,6 +183,8 @@ def test_tokens_never_reach_the_logs(tmp_path: Path) -> None:
     """A real agent with debug JSON logs: wrong tokens, right tokens, and a skill that logs a
     token it was sent; none of them appears in what the process wrote."""
     client_token = "outgoing-token-0123456789abcdef"
+    # Not bare digits: those can turn up by chance inside a timestamp or an id in the log.
+    pin = "pin-4321-zq"
     agent = start_uvicorn(
         tmp_path,
         "agent",
@@ -199,13 +201,13 @@ def test_tokens_never_reach_the_logs(tmp_path: Path) -> None:
         url = agent.url + "/asap"
         for token in (ALICE_TOKEN, BOB_TOKEN, "guess-0123456789abcdef"):
             httpx.post(url, json=frame(ALICE), headers=bearer(token)).raise_for_status()
-        leaky = frame(ALICE, "note", {"note": f"my token is {BOB_TOKEN}", "customer_pin": "4321"})
+        leaky = frame(ALICE, "note", {"note": f"my token is {BOB_TOKEN}", "customer_pin": pin})
         reply = httpx.post(url, json=leaky, headers=bearer(ALICE_TOKEN)).json()
         assert status_of(reply) == "completed"
     finally:
         agent.stop()
     log = agent.log_path.read_text()
     assert "test.note" in log and "asap.request.sender_mismatch" in log
-    for secret in (ALICE_TOKEN, BOB_TOKEN, client_token, "4321"):
+    for secret in (ALICE_TOKEN, BOB_TOKEN, client_token, pin):
         assert secret not in log
     assert "my token is ***" in log
