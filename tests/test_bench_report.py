@@ -72,3 +72,21 @@ def test_steal_is_read_from_the_cpu_line_of_proc_stat(tmp_path: Path) -> None:
     assert common.machine_cpu(str(tmp_path / "missing")) == (0, 0)
     steal, total = common.machine_cpu()  # this machine's (Linux)
     assert 0 <= steal <= total and total > 0
+
+
+def test_a_figure_that_would_round_to_its_target_shows_a_decimal() -> None:
+    """49.8% of bare is not met and must not read as "50%"; 30.4% production cost likewise."""
+    res = results(ours=[9960, 9960, 9960], bare=[20000, 20000, 20000])
+    res["targets"].append(target("ours-prod", 16, [6930, 6930, 6930], [0.0, 0.0, 0.0]))
+    res["settings"] = {"feature_levels": [16]}
+    rows = report.goals(res)
+    assert (rows[0]["measured"], rows[0]["met"]) == ("49.8% (9,960 vs 20,000 req/s)", False)
+    assert (rows[-1]["measured"], rows[-1]["met"]) == (
+        "30.4% (ours-prod 6,930 vs ours 9,960 req/s)",
+        False,
+    )
+    assert "Production settings cost 30.4% of the plain echo throughput" in "\n".join(
+        report.feature_cost(res)
+    )
+    res = results(ours=[12000, 12000, 12000], bare=[20000, 20000, 20000])
+    assert report.goals(res)[0]["measured"] == "60% (12,000 vs 20,000 req/s)"
